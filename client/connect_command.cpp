@@ -1,0 +1,146 @@
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include "client/blkdev.hpp"
+#include "client/commands.hpp"
+#include "client/nbd_server.hpp"
+#include "common/error.hpp"
+#include "common/log.hpp"
+#include "common/region.hpp"
+
+namespace cbd::proxy {
+
+const std::vector<ParameterSpec> kConnectParameters = {
+    {"backend", "0", "backend slot to serve (see `cbd-proxy list`)"},
+    {"transport", kDefaultTransport, "file in /dev/shm, /dev/daxX.Y or a PCI resource file"},
+    {"unix", "", "serve NBD on this unix socket instead of TCP"},
+    {"port", "10809", "TCP port"},
+    {"bind", "127.0.0.1", "TCP address; anything but loopback needs allow-remote"},
+    {"allow-remote", "", "allow a non-loopback bind address (NBD has no authentication)"},
+    {"stdio", "", "serve one NBD connection on stdin/stdout, then exit"},
+    {"socket-activation", "", "serve the sockets passed by LISTEN_FDS/LISTEN_PID"},
+    {"queues", "2", "channels to claim; connections share them round-robin"},
+    {"export", "", "export name to advertise (default: the backend's)"},
+    {"readonly", "", "refuse writes whatever the backend allows"},
+    {"hostname", "", "name recorded in the host slot (default: gethostname)"},
+    {"timeout", "30", "seconds to hold requests while the backend is away before failing them with EIO"},
+    {"attach-timeout", "10", "seconds to wait for the backend to attach each channel"},
+    {"spin-us", "50", "completion polling: spin this long after activity"},
+    {"max-sleep-us", "1000", "completion polling: longest back-off sleep"},
+    {"daemon", "", "fork into the background once serving"},
+    {"pidfile", "", "write the serving process id here once ready"},
+    {"verbose", "", "debug messages"},
+};
+
+namespace {
+
+NbdServer* active_server = nullptr;
+
+void on_stop_signal(int) {
+  if (active_server) active_server->request_stop();
+}
+
+void write_pidfile(const std::string& path) {
+  if (path.empty()) return;
+  std::ofstream out(path, std::ios::trunc);
+  out << ::getpid() << "\n";
+  if (!out) throw Error("pidfile " + path + ": cannot write");
+}
+
+}  // namespace
+
+int run_connect(const Parameters& p) {
+  set_log_verbose(p.flag("verbose", false));
+  BlkdevOptions options;
+  options.backend_id = static_cast<std::uint32_t>(p.number("backend", 0));
+  options.queues = static_cast<std::uint32_t>(p.number("queues", options.queues));
+  if (options.queues == 0) throw Error("queues=0: at least one channel is needed");
+  options.export_name = p.text("export", "");
+  options.readonly = p.flag("readonly", false);
+  options.hostname = p.text("hostname", "");
+  options.backend_timeout = std::chrono::milliseconds(p.number("timeout", 30) * 1000);
+  options.attach_timeout = std::chrono::milliseconds(p.number("attach-timeout", 10) * 1000);
+  options.poll.spin_us = static_cast<std::uint32_t>(p.number("spin-us", options.poll.spin_us));
+  options.poll.max_sleep_us = static_cast<std::uint32_t>(p.number("max-sleep-us", options.poll.max_sleep_us));
+  bool stdio = p.flag("stdio", false);
+  bool activated = p.flag("socket-activation", false) || (!p.has("unix") && !p.has("port") && !stdio && std::getenv("LISTEN_FDS"));
+  bool daemon = p.flag("daemon", false);
+  if (stdio && daemon) throw Error("stdio and daemon cannot be combined");
+
+  Transport transport = Transport::attach(p.text("transport", kDefaultTransport));
+  // Clients of a socket that vanished must not kill us with SIGPIPE; stdout
+  // may be a pipe.
+  ::signal(SIGPIPE, SIG_IGN);
+
+  std::unique_ptr<Blkdev> blkdev;
+  auto attach = [&] { blkdev = std::make_unique<Blkdev>(transport, options); };
+  NbdServer server([&]() -> std::shared_ptr<RequestTarget> { return blkdev ? blkdev->next_target() : nullptr; });
+  if (stdio) {
+    server.add_stdio_connection();
+  } else if (activated) {
+    if (server.listen_activated() == 0) throw Error("socket-activation: no sockets passed (LISTEN_FDS/LISTEN_PID)");
+  } else if (p.has("unix")) {
+    server.listen_unix(p.text("unix", ""));
+  } else {
+    server.listen_tcp(p.text("bind", NbdServer::kDefaultAddress),
+                      static_cast<std::uint16_t>(p.number("port", NbdServer::kDefaultPort)),
+                      p.flag("allow-remote", false));
+  }
+
+  if (daemon) {
+    // Fork before any thread exists (threads do not survive fork); the
+    // listening sockets are inherited, so clients can connect as soon as the
+    // parent returns.
+    pid_t child = ::fork();
+    if (child < 0) throw_errno("fork");
+    if (child > 0) {
+      // Wait for the child to report readiness through the pidfile or die.
+      std::string pidfile = p.text("pidfile", "");
+      for (int i = 0; i < 600; ++i) {
+        int status = 0;
+        if (::waitpid(child, &status, WNOHANG) == child) return 1;
+        if (pidfile.empty() || ::access(pidfile.c_str(), F_OK) == 0) return 0;
+        ::usleep(50000);
+      }
+      return 0;
+    }
+    ::setsid();
+    int null = ::open("/dev/null", O_RDWR);
+    if (null >= 0) {
+      ::dup2(null, STDIN_FILENO);
+      ::dup2(null, STDOUT_FILENO);
+      ::close(null);
+    }
+  }
+
+  attach();
+  const ExportInfo& info = blkdev->info();
+  log(LogLevel::Info, "serving backend %u (export \"%s\", %llu bytes) as blkdev %u", options.backend_id,
+      info.name.c_str(), static_cast<unsigned long long>(info.size), blkdev->index());
+
+  active_server = &server;
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  ::sigaction(SIGTERM, &action, nullptr);
+  ::sigaction(SIGINT, &action, nullptr);
+  ::sigaction(SIGHUP, &action, nullptr);
+  write_pidfile(p.text("pidfile", ""));
+
+  server.serve();
+  active_server = nullptr;
+  // Connections are drained by serve(); releasing the blkdev frees its
+  // channels and slots.
+  blkdev.reset();
+  std::string pidfile = p.text("pidfile", "");
+  if (!pidfile.empty()) ::unlink(pidfile.c_str());
+  return 0;
+}
+
+}  // namespace cbd::proxy

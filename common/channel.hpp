@@ -1,0 +1,62 @@
+// One channel of a transport: bounds-checked views of its control block,
+// rings and data area, and the attach protocol (see ChannelControl in
+// layout.hpp).  Used by both sides: the queue side (cbd-proxy) produces
+// submissions and consumes completions; the handler side (backend) does the
+// reverse.
+#pragma once
+
+#include <cstdint>
+
+#include "common/layout.hpp"
+#include "common/ring.hpp"
+#include "common/transport.hpp"
+
+namespace cbd {
+
+class Channel {
+ public:
+  Channel() = default;
+  Channel(const Transport& transport, std::uint32_t index);
+
+  std::uint32_t index() const { return index_; }
+  ChannelControl& control() const { return *control_; }
+  MemoryMode mode() const { return mode_; }
+  std::uint64_t data_size() const { return data_size_; }
+
+  // The bytes [offset, offset + length) of the data area, or nullptr when
+  // any part lies outside it (offsets come from a peer: never trusted).
+  std::byte* data(std::uint64_t offset, std::uint64_t length) const {
+    if (offset > data_size_ || length > data_size_ - offset) return nullptr;
+    return data_ + offset;
+  }
+
+  RingProducer<SubmissionEntry> submission_producer() const;
+  RingConsumer<SubmissionEntry> submission_consumer() const;
+  RingProducer<CompletionEntry> completion_producer() const;
+  RingConsumer<CompletionEntry> completion_consumer() const;
+
+  // Data written for the peer to read: checksum (when enabled) and write back
+  // (flush mode).  Returns the CRC32C to put in the entry (0 when disabled).
+  std::uint32_t publish_data(const void* data, std::size_t length) const;
+  // Data about to be read from the peer: invalidate (flush mode) and verify
+  // the checksum (re-reading on mismatch).  False when it stays wrong.
+  bool consume_data(const void* data, std::size_t length, std::uint32_t expected_crc) const;
+
+  // Queue side, step 1 of the attach protocol.  Returns the new generation.
+  std::uint64_t queue_setup(std::uint32_t backend_id, std::uint32_t blkdev_id, std::uint64_t backend_epoch) const;
+  // Handler side, step 2.
+  void handler_attach(std::uint64_t generation, std::uint64_t backend_epoch) const;
+  // True once the handler serves `generation` (step 3).
+  bool handler_attached(std::uint64_t generation) const;
+
+ private:
+  std::uint32_t index_ = 0;
+  ChannelControl* control_ = nullptr;
+  std::byte* base_ = nullptr;
+  std::byte* data_ = nullptr;
+  std::uint64_t data_size_ = 0;
+  ChannelGeometry geometry_{};
+  MemoryMode mode_{};
+};
+
+}  // namespace cbd

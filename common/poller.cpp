@@ -1,0 +1,53 @@
+#include "common/poller.hpp"
+
+#include <sys/prctl.h>
+#include <time.h>
+
+#include <algorithm>
+
+namespace cbd {
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#else
+  __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+void sleep_us(std::uint32_t microseconds) {
+  timespec ts{static_cast<time_t>(microseconds / 1000000), static_cast<long>(microseconds % 1000000) * 1000};
+  ::nanosleep(&ts, nullptr);
+}
+
+}  // namespace
+
+void set_fine_timer_slack() { ::prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0); }
+
+AdaptivePoller::AdaptivePoller(PollTunables tunables)
+    : tunables_(tunables), last_active_(std::chrono::steady_clock::now()) {
+  set_fine_timer_slack();
+}
+
+void AdaptivePoller::active() {
+  last_active_ = std::chrono::steady_clock::now();
+  sleep_us_ = 0;
+  spinning_ = true;
+}
+
+void AdaptivePoller::idle() {
+  if (spinning_) {
+    auto since = std::chrono::steady_clock::now() - last_active_;
+    if (since < std::chrono::microseconds(tunables_.spin_us)) {
+      for (int i = 0; i < 32; ++i) cpu_relax();
+      return;
+    }
+    spinning_ = false;
+  }
+  sleep_us_ = sleep_us_ == 0 ? std::max<std::uint32_t>(tunables_.min_sleep_us, 1)
+                             : std::min(sleep_us_ * 2, std::max(tunables_.max_sleep_us, tunables_.min_sleep_us));
+  sleep_us(sleep_us_);
+}
+
+}  // namespace cbd

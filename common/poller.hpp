@@ -1,0 +1,38 @@
+// Adaptive polling (design §3.10): spin briefly after activity, then back
+// off to sleeps that grow up to a ceiling, so an idle daemon costs about no
+// CPU while a busy one reacts in well under a microsecond.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+
+namespace cbd {
+
+struct PollTunables {
+  std::uint32_t spin_us = 50;       // keep spinning this long after the last activity
+  std::uint32_t min_sleep_us = 2;   // first sleep after spinning
+  std::uint32_t max_sleep_us = 1000;  // sleeps double up to this
+};
+
+class AdaptivePoller {
+ public:
+  explicit AdaptivePoller(PollTunables tunables = {});
+  // Call after a poll found work.
+  void active();
+  // Call after a poll found nothing: pauses for a moment (spin or sleep).
+  void idle();
+  // Call before a known long idle (e.g. nothing in flight): skips the spin.
+  void quiesce() { spinning_ = false; }
+
+ private:
+  PollTunables tunables_;
+  std::chrono::steady_clock::time_point last_active_;
+  std::uint32_t sleep_us_ = 0;
+  bool spinning_ = true;
+};
+
+// Sets this thread's timer slack to 1 µs so short sleeps are short (the
+// default 50 µs slack would dominate the back-off).
+void set_fine_timer_slack();
+
+}  // namespace cbd

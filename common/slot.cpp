@@ -1,0 +1,53 @@
+#include "common/slot.hpp"
+
+namespace cbd {
+
+const char* slot_state_name(SlotState state) {
+  switch (state) {
+    case SlotState::Free: return "free";
+    case SlotState::Live: return "live";
+    case SlotState::Stopping: return "stopping";
+  }
+  return "corrupt";
+}
+
+namespace {
+void stamp_owner(SlotHeader& header, std::uint32_t owner_host) {
+  store_relaxed(header.owner_host, owner_host);
+  store_relaxed(header.owner_pid, static_cast<std::uint32_t>(::getpid()));
+}
+}  // namespace
+
+std::optional<std::uint64_t> try_claim(SlotHeader& header, std::uint32_t owner_host) {
+  std::uint64_t seen = load_acquire(header.state);
+  if (state_of(seen) != SlotState::Free) return std::nullopt;
+  return try_take_over(header, seen, owner_host);
+}
+
+std::optional<std::uint64_t> try_take_over(SlotHeader& header, std::uint64_t expected, std::uint32_t owner_host) {
+  std::uint64_t claimed = make_state_word(epoch_of(expected) + 1, SlotState::Live);
+  if (!compare_exchange(header.state, expected, claimed)) return std::nullopt;
+  stamp_owner(header, owner_host);
+  beat(header);
+  return claimed;
+}
+
+bool release(SlotHeader& header, std::uint64_t claimed_word) {
+  std::uint64_t expected = claimed_word;
+  return compare_exchange(header.state, expected, make_state_word(epoch_of(claimed_word) + 1, SlotState::Free));
+}
+
+bool mark_stopping(SlotHeader& header, std::uint64_t& claimed_word) {
+  std::uint64_t expected = claimed_word;
+  std::uint64_t stopping = make_state_word(epoch_of(claimed_word), SlotState::Stopping);
+  if (!compare_exchange(header.state, expected, stopping)) return false;
+  claimed_word = stopping;
+  return true;
+}
+
+bool reclaim(SlotHeader& header, std::uint64_t seen) {
+  if (state_of(seen) == SlotState::Free) return false;
+  return compare_exchange(header.state, seen, make_state_word(epoch_of(seen) + 1, SlotState::Free));
+}
+
+}  // namespace cbd

@@ -1,0 +1,426 @@
+#include "plugin/file_store.hpp"
+
+#include <fcntl.h>
+#include <liburing.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <vector>
+
+#include "common/error.hpp"
+#include "common/layout.hpp"
+#include "common/log.hpp"
+
+namespace cbd::backend {
+namespace {
+
+constexpr std::uint64_t kDirectAlignment = 4096;
+
+// Source of zeros for write-zeroes when the file system cannot allocate
+// zeroed ranges itself: static, so it costs nothing until used and is never
+// written.
+alignas(kDirectAlignment) const std::byte kZeros[256 * 1024] = {};
+
+bool is_not_supported(int error) { return error == EOPNOTSUPP || error == ENOTSUP || error == ENOSYS; }
+
+bool read_rotational(const struct stat& st) {
+  std::string base = "/sys/dev/block/" + std::to_string(major(st.st_rdev)) + ":" + std::to_string(minor(st.st_rdev));
+  // A partition has no queue/ of its own; its parent disk's applies.
+  for (const char* relative : {"/queue/rotational", "/../queue/rotational"}) {
+    std::ifstream file(base + relative);
+    int value = 0;
+    if (file >> value) return value != 0;
+  }
+  return false;
+}
+
+int fallocate_errno(int fd, int mode, std::uint64_t offset, std::uint64_t length) {
+  if (::fallocate(fd, mode, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return 0;
+  return errno;
+}
+
+}  // namespace
+
+FileStore::FileStore(const FileStoreOptions& options) : path_(options.path) {
+  const std::string where = "file " + path_;
+  int flags = (options.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  fd_ = UniqueFd(::open(path_.c_str(), flags));
+  if (!fd_) throw_errno(where + ": open");
+  struct stat st{};
+  if (::fstat(fd_.get(), &st) != 0) throw_errno(where + ": fstat");
+  if (S_ISBLK(st.st_mode)) {
+    block_device_ = true;
+    std::uint64_t bytes = 0;
+    if (::ioctl(fd_.get(), BLKGETSIZE64, &bytes) != 0) throw_errno(where + ": BLKGETSIZE64");
+    info_.size = bytes;
+    info_.rotational = read_rotational(st);
+  } else if (S_ISREG(st.st_mode)) {
+    info_.size = static_cast<std::uint64_t>(st.st_size);
+  } else {
+    throw Error(where + ": not a regular file or block device — give file= a disk image or a /dev/sdX-like device");
+  }
+  if (options.direct) {
+    direct_fd_ = UniqueFd(::open(path_.c_str(), flags | O_DIRECT));
+    if (!direct_fd_) throw_errno(where + ": open with O_DIRECT (the file system may not support it; drop direct=true)");
+    info_.block_min = kDirectAlignment;
+  }
+  info_.read_only = options.read_only;
+  // Punching holes and zeroing ranges are single system calls that either
+  // work or fail at once, so a fast zero never degrades to writing zeros.
+  info_.can_fast_zero = true;
+}
+
+int FileStore::fd_for(const void* buffer, std::uint64_t length, std::uint64_t offset) const {
+  if (direct_fd_ && reinterpret_cast<std::uintptr_t>(buffer) % kDirectAlignment == 0 &&
+      length % kDirectAlignment == 0 && offset % kDirectAlignment == 0)
+    return direct_fd_.get();
+  return fd_.get();
+}
+
+int FileStore::pread(void* buffer, std::size_t length, std::uint64_t offset) {
+  int fd = fd_for(buffer, length, offset);
+  auto* out = static_cast<std::byte*>(buffer);
+  while (length > 0) {
+    ssize_t got = ::pread(fd, out, length, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (got == 0) return EIO;  // the file shrank under us
+    out += got;
+    length -= static_cast<std::size_t>(got);
+    offset += static_cast<std::uint64_t>(got);
+  }
+  return 0;
+}
+
+int FileStore::pwrite(const void* buffer, std::size_t length, std::uint64_t offset, bool fua) {
+  if (info_.read_only) return EPERM;
+  int fd = fd_for(buffer, length, offset);
+  const auto* in = static_cast<const std::byte*>(buffer);
+  while (length > 0) {
+    iovec vector{const_cast<std::byte*>(in), length};
+    ssize_t put = ::pwritev2(fd, &vector, 1, static_cast<off_t>(offset), fua ? RWF_DSYNC : 0);
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (put == 0) return EIO;
+    in += put;
+    length -= static_cast<std::size_t>(put);
+    offset += static_cast<std::uint64_t>(put);
+  }
+  return 0;
+}
+
+int FileStore::flush() {
+  // fdatasync covers every write the kernel has completed on this inode,
+  // whichever descriptor or io_uring it came through: that is what makes
+  // multi-conn truthful.
+  if (::fdatasync(fd_.get()) != 0) return errno;
+  return 0;
+}
+
+int FileStore::trim(std::uint64_t offset, std::uint64_t length, bool fua) {
+  if (info_.read_only) return EPERM;
+  if (length == 0) return 0;
+  int error;
+  if (block_device_) {
+    std::uint64_t range[2] = {offset, length};
+    error = ::ioctl(fd_.get(), BLKDISCARD, range) == 0 ? 0 : errno;
+  } else {
+    error = fallocate_errno(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+  }
+  // Trim is advisory: a device or file system that cannot discard (or not
+  // at this alignment) leaves the data in place, which is allowed.
+  if (is_not_supported(error) || error == EINVAL) error = 0;
+  if (error == 0 && fua) error = flush();
+  return error;
+}
+
+int FileStore::write_zeroes(std::uint64_t offset, std::uint64_t length) {
+  while (length > 0) {
+    std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, sizeof kZeros));
+    if (int error = pwrite(kZeros, chunk, offset, false)) return error;
+    offset += chunk;
+    length -= chunk;
+  }
+  return 0;
+}
+
+int FileStore::zero(std::uint64_t offset, std::uint64_t length, bool no_hole, bool fast, bool fua) {
+  if (info_.read_only) return EPERM;
+  if (length == 0) return 0;
+  int fd = fd_.get();
+  int error = EOPNOTSUPP;
+  if (!no_hole) {
+    // A hole reads back as zeros and is the cheapest zero there is.  On a
+    // block device the kernel maps this to a zero-out without fallback, so
+    // it too either is cheap or fails.
+    error = fallocate_errno(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+  }
+  if (error != 0 && !block_device_) error = fallocate_errno(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+  if (error != 0) {
+    // What remains may write every byte: not fast.
+    if (fast) return ENOTSUP;
+    if (block_device_) {
+      std::uint64_t range[2] = {offset, length};
+      error = ::ioctl(fd, BLKZEROOUT, range) == 0 ? 0 : errno;
+    }
+    if (error != 0) error = write_zeroes(offset, length);
+  }
+  if (error == 0 && fua) error = flush();
+  return error;
+}
+
+int FileStore::extents(std::uint64_t offset, std::uint64_t length, bool req_one, ExtentSink& sink) {
+  std::uint64_t end = offset + length;
+  if (block_device_) {
+    // Block devices have no allocation map we can read: all data.
+    sink.add(offset, length, 0);
+    return 0;
+  }
+  int fd = fd_.get();
+  std::uint64_t position = offset;
+  while (position < end) {
+    off_t data = ::lseek(fd, static_cast<off_t>(position), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) {
+        data = static_cast<off_t>(end);  // no data after `position`: the rest is a hole
+      } else if (position == offset) {
+        // No SEEK_DATA here (some file systems): report everything as data.
+        sink.add(offset, length, 0);
+        return 0;
+      } else {
+        return errno;
+      }
+    }
+    std::uint64_t data_start = std::min<std::uint64_t>(static_cast<std::uint64_t>(data), end);
+    if (data_start > position) {
+      if (!sink.add(position, data_start - position, kExtentHole | kExtentZero) || req_one) return 0;
+      position = data_start;
+      if (position >= end) break;
+    }
+    off_t hole = ::lseek(fd, static_cast<off_t>(position), SEEK_HOLE);
+    if (hole < 0) return errno == ENXIO ? 0 : errno;
+    std::uint64_t data_end = std::min<std::uint64_t>(static_cast<std::uint64_t>(hole), end);
+    if (data_end <= position) data_end = end;  // cannot happen on a sane file system; never loop forever
+    if (!sink.add(position, data_end - position, 0) || req_one) return 0;
+    position = data_end;
+  }
+  return 0;
+}
+
+int FileStore::cache(std::uint64_t offset, std::uint64_t length) {
+  // Advisory prefetch; its failure is not the client's problem.
+  (void)::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_WILLNEED);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------
+// io_uring queue
+// ---------------------------------------------------------------------------
+namespace {
+
+class UringQueue final : public StoreQueue {
+ public:
+  UringQueue(FileStore& store, unsigned depth) : store_(store), depth_(depth) {}
+  UringQueue(const UringQueue&) = delete;
+  UringQueue& operator=(const UringQueue&) = delete;
+  ~UringQueue() override {
+    if (!initialised_) return;
+    // Requests still in the kernel write into memory we may unmap next:
+    // wait for them before tearing the ring down.
+    std::vector<StoreCompletion> drained;
+    while (async_in_flight_ > 0) {
+      std::size_t before = drained.size();
+      reap(drained, true);
+      if (drained.size() == before && async_in_flight_ > 0 && !wait_one()) break;
+    }
+    io_uring_queue_exit(&ring_);
+  }
+
+  // 0 or the errno io_uring_queue_init failed with.
+  int init() {
+    int result = io_uring_queue_init(depth_, &ring_, 0);
+    if (result < 0) return -result;
+    initialised_ = true;
+    slots_.resize(depth_);
+    free_slots_.reserve(depth_);
+    for (unsigned i = depth_; i > 0; --i) free_slots_.push_back(i - 1);
+    finished_.reserve(depth_);
+    return 0;
+  }
+
+  unsigned room() const override { return depth_ - in_flight_; }
+  unsigned in_flight() const override { return in_flight_; }
+
+  void enqueue(const StoreRequest& request) override {
+    ++in_flight_;
+    if (request.op != StoreOp::Read && request.op != StoreOp::Write && request.op != StoreOp::Flush) {
+      finished_.push_back({request.user_data, run_request(store_, request)});
+      return;
+    }
+    if (request.op == StoreOp::Write && store_.info().read_only) {
+      finished_.push_back({request.user_data, EPERM});
+      return;
+    }
+    unsigned index = free_slots_.back();
+    free_slots_.pop_back();
+    slots_[index] = {request, 0};
+    ++async_in_flight_;
+    prepare(index);
+  }
+
+  void submit() override {
+    if (unsubmitted_ == 0) return;
+    int result = io_uring_submit(&ring_);
+    if (result >= 0) {
+      unsubmitted_ -= std::min<unsigned>(unsubmitted_, static_cast<unsigned>(result));
+    } else if (result != -EAGAIN && result != -EBUSY && result != -EINTR && limit_.allow()) {
+      log(LogLevel::Error, "file %s: io_uring_submit: %s", store_.path().c_str(), std::strerror(-result));
+    }
+  }
+
+  void reap(std::vector<StoreCompletion>& out, bool wait) override {
+    submit();
+    io_uring_cqe* cqe = nullptr;
+    while (io_uring_peek_cqe(&ring_, &cqe) == 0 && cqe) {
+      handle(cqe);
+    }
+    if (wait && finished_.empty() && async_in_flight_ > 0) wait_one();
+    submit();  // short transfers re-queued their remainder
+    in_flight_ -= static_cast<unsigned>(finished_.size());
+    out.insert(out.end(), finished_.begin(), finished_.end());
+    finished_.clear();
+  }
+
+ private:
+  struct Slot {
+    StoreRequest request;
+    std::uint64_t done;  // bytes transferred so far (short reads/writes continue)
+  };
+
+  bool wait_one() {
+    submit();
+    io_uring_cqe* cqe = nullptr;
+    int result = io_uring_wait_cqe(&ring_, &cqe);
+    if (result == 0 && cqe) {
+      handle(cqe);
+      return true;
+    }
+    return result == -EINTR;
+  }
+
+  void prepare(unsigned index) {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    if (!sqe) {
+      // Cannot happen (the ring holds depth entries and we never exceed
+      // depth), but a request must never be lost: run it in place.
+      Slot& slot = slots_[index];
+      finish(index, run_remainder(slot));
+      return;
+    }
+    Slot& slot = slots_[index];
+    const StoreRequest& r = slot.request;
+    std::byte* buffer = r.buffer + slot.done;
+    std::uint64_t offset = r.offset + slot.done;
+    auto remaining = static_cast<unsigned>(r.length - slot.done);
+    switch (r.op) {
+      case StoreOp::Read:
+        io_uring_prep_read(sqe, store_.fd_for(buffer, remaining, offset), buffer, remaining, offset);
+        break;
+      case StoreOp::Write:
+        io_uring_prep_write(sqe, store_.fd_for(buffer, remaining, offset), buffer, remaining, offset);
+        if (r.fua) sqe->rw_flags = RWF_DSYNC;  // durable before it completes
+        break;
+      default:
+        io_uring_prep_fsync(sqe, store_.fd_for(nullptr, 1, 1), IORING_FSYNC_DATASYNC);
+        break;
+    }
+    io_uring_sqe_set_data(sqe, reinterpret_cast<void*>(static_cast<std::uintptr_t>(index)));
+    ++unsubmitted_;
+  }
+
+  int run_remainder(Slot& slot) {
+    StoreRequest rest = slot.request;
+    rest.buffer += slot.done;
+    rest.offset += slot.done;
+    rest.length -= slot.done;
+    return run_request(store_, rest);
+  }
+
+  void handle(io_uring_cqe* cqe) {
+    auto index = static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(io_uring_cqe_get_data(cqe)));
+    int result = cqe->res;
+    io_uring_cqe_seen(&ring_, cqe);
+    if (index >= slots_.size()) return;  // not ours; cannot happen
+    Slot& slot = slots_[index];
+    if (result == -EINTR || result == -EAGAIN) {
+      prepare(index);
+      return;
+    }
+    if (result < 0) {
+      finish(index, -result);
+      return;
+    }
+    if (slot.request.op == StoreOp::Flush) {
+      finish(index, 0);
+      return;
+    }
+    if (result == 0) {
+      finish(index, EIO);  // no progress: the file shrank under us
+      return;
+    }
+    slot.done += static_cast<std::uint64_t>(result);
+    if (slot.done < slot.request.length) {
+      prepare(index);
+      return;
+    }
+    finish(index, 0);
+  }
+
+  void finish(unsigned index, int error) {
+    finished_.push_back({slots_[index].request.user_data, error});
+    free_slots_.push_back(index);
+    --async_in_flight_;
+  }
+
+  FileStore& store_;
+  unsigned depth_;
+  io_uring ring_{};
+  bool initialised_ = false;
+  std::vector<Slot> slots_;
+  std::vector<unsigned> free_slots_;
+  std::vector<StoreCompletion> finished_;
+  unsigned in_flight_ = 0;        // enqueued, not yet reaped
+  unsigned async_in_flight_ = 0;  // in the kernel
+  unsigned unsubmitted_ = 0;
+  RateLimit limit_;
+};
+
+}  // namespace
+
+std::unique_ptr<StoreQueue> FileStore::open_queue(unsigned depth) {
+  if (depth == 0) depth = 1;
+  auto queue = std::make_unique<UringQueue>(*this, depth);
+  if (int error = queue->init()) {
+    static RateLimit once(std::chrono::hours(24));
+    if (once.allow())
+      log(LogLevel::Warning, "file %s: io_uring unavailable (%s); handlers use synchronous I/O", path_.c_str(),
+          std::strerror(error));
+    return Store::open_queue(depth);
+  }
+  return queue;
+}
+
+}  // namespace cbd::backend

@@ -1,0 +1,55 @@
+// A regular file or block device as the backing store.
+//
+// Handlers reach it through an io_uring queue per handler thread (reads,
+// writes — RWF_DSYNC for FUA — and fsync run asynchronously, straight
+// between the channel's data area and the file, design §3.8); trim, zero,
+// block status and cache are synchronous system calls.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "plugin/store.hpp"
+#include "plugin/unique_fd.hpp"
+
+namespace cbd::backend {
+
+struct FileStoreOptions {
+  std::string path;
+  bool read_only = false;
+  bool direct = false;  // O_DIRECT for aligned I/O (unaligned requests fall back to the page cache)
+};
+
+class FileStore final : public Store {
+ public:
+  // Throws cbd::Error naming the path and the problem.
+  explicit FileStore(const FileStoreOptions& options);
+
+  const StoreInfo& info() const override { return info_; }
+  int pread(void* buffer, std::size_t length, std::uint64_t offset) override;
+  int pwrite(const void* buffer, std::size_t length, std::uint64_t offset, bool fua) override;
+  int flush() override;
+  int trim(std::uint64_t offset, std::uint64_t length, bool fua) override;
+  int zero(std::uint64_t offset, std::uint64_t length, bool no_hole, bool fast, bool fua) override;
+  int extents(std::uint64_t offset, std::uint64_t length, bool req_one, ExtentSink& sink) override;
+  int cache(std::uint64_t offset, std::uint64_t length) override;
+  std::unique_ptr<StoreQueue> open_queue(unsigned depth) override;
+
+  bool is_block_device() const { return block_device_; }
+  const std::string& path() const { return path_; }
+  // The descriptor for a transfer: the O_DIRECT one when the buffer, offset
+  // and length suit it, else the buffered one.
+  int fd_for(const void* buffer, std::uint64_t length, std::uint64_t offset) const;
+
+ private:
+  int write_zeroes(std::uint64_t offset, std::uint64_t length);
+
+  std::string path_;
+  UniqueFd fd_;         // buffered
+  UniqueFd direct_fd_;  // O_DIRECT, when direct=true
+  bool block_device_ = false;
+  StoreInfo info_;
+};
+
+}  // namespace cbd::backend

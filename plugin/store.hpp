@@ -1,0 +1,132 @@
+// The backing store behind a backend: the one interface both the `cbd`
+// plugin (file, block device, memory) and the later `cbd` filter (whatever
+// nbdkit plugin sits below it) implement, so the channel handlers never know
+// which one they serve.
+//
+// Synchronous methods are thread-safe and return 0 or a positive errno.
+// Handlers reach the store through a StoreQueue opened per handler thread:
+// a store with real asynchronous I/O (FileStore: io_uring) overrides
+// open_queue(); any other store gets InlineStoreQueue, which runs the
+// synchronous methods in place, so a store that implements only those works
+// with the handlers unchanged.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace cbd::backend {
+
+struct StoreInfo {
+  std::uint64_t size = 0;             // bytes exported
+  std::uint32_t block_min = 1;        // smallest I/O unit (4096 with O_DIRECT)
+  std::uint32_t block_preferred = 4096;
+  bool read_only = false;
+  bool can_flush = true;
+  bool can_fua = true;
+  bool can_trim = true;
+  bool can_zero = true;
+  bool can_fast_zero = false;         // zero(fast=true) either is cheap or fails at once with ENOTSUP
+  bool can_extents = true;
+  bool can_cache = true;
+  bool can_multi_conn = true;         // flush covers writes completed on every connection/channel
+  bool rotational = false;
+};
+
+// Receives the allocation map of a range, in order, without gaps: each call
+// continues where the previous one ended.  `flags` are kExtentHole |
+// kExtentZero bits (the NBD base:allocation bits).  Returns false when it
+// wants no more.
+class ExtentSink {
+ public:
+  virtual bool add(std::uint64_t offset, std::uint64_t length, std::uint32_t flags) = 0;
+
+ protected:
+  ~ExtentSink() = default;
+};
+
+enum class StoreOp : std::uint8_t { Read, Write, Flush, Trim, Zero, Cache };
+
+struct StoreRequest {
+  StoreOp op = StoreOp::Read;
+  bool fua = false;
+  bool no_hole = false;     // zero: keep the range allocated
+  bool fast_zero = false;   // zero: fail with ENOTSUP unless cheap
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+  std::byte* buffer = nullptr;  // read/write: `length` bytes (the channel's data area; no copy)
+  std::uint64_t user_data = 0;  // echoed in the completion
+};
+
+struct StoreCompletion {
+  std::uint64_t user_data = 0;
+  int error = 0;  // 0 or a positive errno
+};
+
+class Store;
+
+// Per-thread queue of store requests (not thread-safe: one owner thread).
+class StoreQueue {
+ public:
+  virtual ~StoreQueue() = default;
+  // How many more requests enqueue() accepts before reap() frees room.
+  virtual unsigned room() const = 0;
+  // Queues a request; the caller checked room() > 0.  It may complete at
+  // once (reap() then returns it).
+  virtual void enqueue(const StoreRequest& request) = 0;
+  // Starts everything queued since the last submit (one system call for a
+  // batch).
+  virtual void submit() = 0;
+  // Appends finished requests to `out`.  With `wait`, blocks until at least
+  // one finishes when some are in flight.
+  virtual void reap(std::vector<StoreCompletion>& out, bool wait) = 0;
+  // Requests enqueued and not yet reaped.
+  virtual unsigned in_flight() const = 0;
+};
+
+class Store {
+ public:
+  virtual ~Store() = default;
+  virtual const StoreInfo& info() const = 0;
+
+  virtual int pread(void* buffer, std::size_t length, std::uint64_t offset) = 0;
+  virtual int pwrite(const void* buffer, std::size_t length, std::uint64_t offset, bool fua) = 0;
+  // Makes every write that completed before the call durable, whichever
+  // thread, channel or connection issued it.
+  virtual int flush() = 0;
+  // Advisory: may do nothing, but a trimmed range never reads back stale data.
+  virtual int trim(std::uint64_t offset, std::uint64_t length, bool fua) = 0;
+  virtual int zero(std::uint64_t offset, std::uint64_t length, bool no_hole, bool fast, bool fua) = 0;
+  // Reports at least one extent starting at `offset` (unless it fails);
+  // with `req_one` one is enough.
+  virtual int extents(std::uint64_t offset, std::uint64_t length, bool req_one, ExtentSink& sink) = 0;
+  virtual int cache(std::uint64_t offset, std::uint64_t length) = 0;
+
+  // A queue for one handler thread holding up to `depth` requests.
+  virtual std::unique_ptr<StoreQueue> open_queue(unsigned depth);
+};
+
+// Runs one request with the store's synchronous methods.
+int run_request(Store& store, const StoreRequest& request);
+
+// The queue every store gets unless it has real asynchronous I/O: each
+// request runs to completion inside enqueue().
+class InlineStoreQueue final : public StoreQueue {
+ public:
+  InlineStoreQueue(Store& store, unsigned depth) : store_(store), depth_(depth == 0 ? 1 : depth) {
+    finished_.reserve(depth_);  // no allocation per request
+  }
+  unsigned room() const override { return depth_ - static_cast<unsigned>(finished_.size()); }
+  void enqueue(const StoreRequest& request) override;
+  void submit() override {}
+  void reap(std::vector<StoreCompletion>& out, bool wait) override;
+  unsigned in_flight() const override { return static_cast<unsigned>(finished_.size()); }
+
+ private:
+  Store& store_;
+  unsigned depth_;
+  std::vector<StoreCompletion> finished_;
+};
+
+}  // namespace cbd::backend

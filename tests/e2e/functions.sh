@@ -1,0 +1,275 @@
+# Shared helpers for the end-to-end tests. Source it from a test script:
+#
+#   source "$(dirname "$0")/functions.sh"
+#
+# Every test gets its own temporary directory ($TEST_DIR) and its own
+# transport file under /dev/shm ($TRANSPORT); both are removed, and every
+# process started through these helpers is stopped, when the test exits.
+# A test exits 77 (ctest's skip code) when something it needs is missing.
+
+set -euo pipefail
+
+CBD_SOURCE_DIR=${CBD_SOURCE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+CBD_BUILD_DIR=${CBD_BUILD_DIR:-$CBD_SOURCE_DIR/build}
+CBD_PROXY=$CBD_BUILD_DIR/client/cbd-proxy
+CBD_PLUGIN=$CBD_BUILD_DIR/plugin/nbdkit-cbd-plugin.so
+
+# Upper bound for any single client command (qemu-img, nbdcopy, fio, ...).
+CLIENT_TIMEOUT=${CBD_CLIENT_TIMEOUT:-120}
+# Upper bound for a server to come up or go down.
+START_TIMEOUT=${CBD_START_TIMEOUT:-30}
+STOP_TIMEOUT=${CBD_STOP_TIMEOUT:-15}
+
+TEST_NAME=$(basename "$0" .sh)
+TEST_DIR=$(mktemp -d "${TMPDIR:-/tmp}/cbd-$TEST_NAME.XXXXXX")
+TRANSPORT=/dev/shm/cbd-$TEST_NAME-$$-$RANDOM
+
+# Processes started by start_backend/start_proxy, newest last; stopped in
+# reverse order (proxies before the backend they talk to).
+_cbd_pids=()
+_cbd_logs=()
+
+log() { printf '%s: %s\n' "$TEST_NAME" "$*" >&2; }
+fail() { log "FAIL: $*"; exit 1; }
+skip() { log "SKIP: $*"; exit 77; }
+
+# require CMD...: skip the test when a command is not installed.
+require() {
+    local cmd
+    for cmd in "$@"; do
+        command -v "$cmd" >/dev/null 2>&1 || skip "'$cmd' is not installed (scripts/install-deps.sh installs it)"
+    done
+}
+
+# require_built: skip when the programs under test have not been built.
+require_built() {
+    [[ -x $CBD_PROXY ]] || skip "$CBD_PROXY has not been built"
+    [[ -f $CBD_PLUGIN ]] || skip "$CBD_PLUGIN has not been built"
+    require nbdkit
+}
+
+# run_client CMD...: run a client with a time limit so a hung server fails
+# the test instead of blocking ctest until its own timeout.
+run_client() {
+    timeout --kill-after=10 "$CLIENT_TIMEOUT" "$@"
+}
+
+# Seconds since the epoch with nanoseconds, for throughput figures.
+now() { date +%s.%N; }
+
+# _wait_until SECONDS DESCRIPTION CMD...: poll CMD every 0.1 s until it
+# succeeds; fail after SECONDS. CMD keeps quiet on its own.
+_wait_until() {
+    local seconds=$1 what=$2
+    shift 2
+    local tries=$((seconds * 10)) i
+    for ((i = 0; i < tries; i++)); do
+        if "$@"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    fail "timed out after ${seconds}s waiting for $what"
+}
+
+# _check_alive PID LOG: fail (showing the log) if a server died.
+_check_alive() {
+    local pid=$1 logfile=$2
+    if ! kill -0 "$pid" 2>/dev/null; then
+        log "process $pid exited early; its log:"
+        cat "$logfile" >&2 || true
+        fail "server process exited during start-up"
+    fi
+}
+
+_pidfile_ready() {
+    local pid=$1 pidfile=$2 logfile=$3
+    _check_alive "$pid" "$logfile"
+    [[ -s $pidfile ]] 2>/dev/null
+}
+
+_socket_ready() {
+    local pid=$1 uri=$2 logfile=$3
+    _check_alive "$pid" "$logfile"
+    if command -v nbdinfo >/dev/null 2>&1; then
+        timeout 5 nbdinfo --can connect "$uri" >/dev/null 2>&1
+    else
+        case $uri in
+            nbd+unix:*) [[ -S ${uri##*socket=} ]] ;;
+            *) local hostport=${uri#nbd://}
+               hostport=${hostport%%/*}
+               timeout 2 bash -c "exec 3<>/dev/tcp/${hostport%:*}/${hostport##*:}" 2>/dev/null ;;
+        esac
+    fi
+}
+
+# format_transport [KEY=VALUE...]: format $TRANSPORT with the given geometry.
+format_transport() {
+    "$CBD_PROXY" format transport="$TRANSPORT" force "$@" >"$TEST_DIR/format.log" 2>&1 ||
+        { cat "$TEST_DIR/format.log" >&2; fail "cbd-proxy format failed"; }
+}
+
+# list_json: the transport's state as JSON on stdout.
+list_json() {
+    "$CBD_PROXY" list transport="$TRANSPORT" --json
+}
+
+# start_backend [KEY=VALUE...]: run `nbdkit cbd` in the foreground, in the
+# background of this shell, serving $TRANSPORT. Sets BACKEND_PID,
+# BACKEND_SOCKET (nbdkit's own NBD socket) and BACKEND_URI. nbdkit writes
+# its pid file once it is ready to serve.
+start_backend() {
+    local n=${#_cbd_pids[@]}
+    local pidfile=$TEST_DIR/nbdkit-$n.pid
+    local logfile=$TEST_DIR/nbdkit-$n.log
+    BACKEND_SOCKET=$TEST_DIR/nbdkit-$n.sock
+    BACKEND_URI="nbd+unix:///?socket=$BACKEND_SOCKET"
+    nbdkit -f -U "$BACKEND_SOCKET" -P "$pidfile" \
+        "$CBD_PLUGIN" transport="$TRANSPORT" "$@" >"$logfile" 2>&1 &
+    BACKEND_PID=$!
+    _cbd_pids+=("$BACKEND_PID")
+    _cbd_logs+=("$logfile")
+    _wait_until "$START_TIMEOUT" "nbdkit to write $pidfile" \
+        _pidfile_ready "$BACKEND_PID" "$pidfile" "$logfile"
+    _wait_backend_listed
+}
+
+_backend_alive_in_list() {
+    list_json | jq -e '[.backends[]? | select(.alive == true)] | length > 0'
+}
+
+# The backend publishes its slot from a thread that nbdkit starts around the
+# time it writes the pid file; give it a moment to show up before a proxy
+# tries to attach. Not fatal: the proxy reports a missing backend itself.
+_wait_backend_listed() {
+    local i
+    command -v jq >/dev/null 2>&1 || return 0
+    for ((i = 0; i < 50; i++)); do
+        _backend_alive_in_list >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    log "warning: no live backend listed in $TRANSPORT after 5s"
+}
+
+# start_proxy [KEY=VALUE...]: run `cbd-proxy connect` in the background.
+# Listens on a unix socket in $TEST_DIR unless port=N is given. Sets
+# PROXY_PID, PROXY_URI (and PROXY_SOCKET for unix sockets); waits until an
+# NBD client can connect.
+start_proxy() {
+    local n=${#_cbd_pids[@]}
+    local logfile=$TEST_DIR/proxy-$n.log
+    local arg port="" listen=()
+    for arg in "$@"; do
+        case $arg in
+            port=*) port=${arg#port=} ;;
+        esac
+    done
+    if [[ -n $port ]]; then
+        PROXY_SOCKET=""
+        PROXY_URI="nbd://127.0.0.1:$port/"
+    else
+        PROXY_SOCKET=$TEST_DIR/proxy-$n.sock
+        PROXY_URI="nbd+unix:///?socket=$PROXY_SOCKET"
+        listen=(unix="$PROXY_SOCKET")
+    fi
+    "$CBD_PROXY" connect backend=0 transport="$TRANSPORT" "${listen[@]}" "$@" >"$logfile" 2>&1 &
+    PROXY_PID=$!
+    _cbd_pids+=("$PROXY_PID")
+    _cbd_logs+=("$logfile")
+    _wait_until "$START_TIMEOUT" "cbd-proxy to accept on $PROXY_URI" \
+        _socket_ready "$PROXY_PID" "$PROXY_URI" "$logfile"
+}
+
+# stop_process PID: SIGTERM, wait up to $STOP_TIMEOUT seconds, then SIGKILL.
+# Returns the process's exit status (non-zero when it had to be killed).
+stop_process() {
+    local pid=$1 i status=0
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || status=$?; return "$status"; }
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "process $pid ignored SIGTERM for ${STOP_TIMEOUT}s; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        return 1
+    fi
+    wait "$pid" 2>/dev/null || status=$?
+    return "$status"
+}
+
+# stop_all: stop every server this test started, newest first. Fails if one
+# did not exit cleanly on SIGTERM.
+stop_all() {
+    local i ok=0
+    for ((i = ${#_cbd_pids[@]} - 1; i >= 0; i--)); do
+        if ! stop_process "${_cbd_pids[i]}"; then
+            log "${_cbd_logs[i]##*/}: did not exit cleanly on SIGTERM"
+            ok=1
+        fi
+    done
+    _cbd_pids=()
+    return "$ok"
+}
+
+# free_port: print a TCP port on 127.0.0.1 that nothing listens on.
+free_port() {
+    local port i
+    for ((i = 0; i < 100; i++)); do
+        port=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
+        if ! ss -Htln "sport = :$port" 2>/dev/null | grep -q .; then
+            echo "$port"
+            return 0
+        fi
+    done
+    fail "no free TCP port found"
+}
+
+# make_image PATH SIZE: a sparse image of SIZE (truncate syntax, e.g. 1G)
+# with random data at irregular places, a block of explicit zeros (data,
+# not a hole) and holes between them. Deterministic layout, random content.
+make_image() {
+    local path=$1 size=$2 bytes mib offset len step i=0
+    truncate -s "$size" "$path"
+    bytes=$(stat -c %s "$path")
+    mib=$((bytes / 1048576))
+    # Extents of 64 KiB to 4 MiB every ~1/16 of the image, some unaligned.
+    step=$((mib / 16))
+    ((step > 0)) || step=1
+    for ((offset = 0; offset + 4 <= mib; offset += step)); do
+        len=$(((i % 4 + 1) * 1024))  # in KiB
+        dd if=/dev/urandom of="$path" bs=1K seek=$((offset * 1024 + (i % 3) * 5)) \
+            count="$len" conv=notrunc status=none
+        i=$((i + 1))
+    done
+    # Zeros written as data in the middle, and random data in the last
+    # MiB so the end of the device is exercised too.
+    dd if=/dev/zero of="$path" bs=1M seek=$((mib / 2 + 1)) count=1 conv=notrunc status=none
+    dd if=/dev/urandom of="$path" bs=1K seek=$((bytes / 1024 - 1000)) count=1000 conv=notrunc status=none
+}
+
+_cbd_cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    stop_all || true
+    if ((status != 0 && status != 77)); then
+        local f
+        for f in "$TEST_DIR"/*.log; do
+            [[ -f $f ]] || continue
+            log "---- ${f##*/} (last 40 lines) ----"
+            tail -n 40 "$f" >&2 || true
+        done
+        if [[ -f $TRANSPORT && -x $CBD_PROXY ]]; then
+            log "---- cbd-proxy list ----"
+            "$CBD_PROXY" list transport="$TRANSPORT" >&2 2>&1 || true
+        fi
+    fi
+    rm -f "$TRANSPORT"
+    rm -rf "$TEST_DIR"
+    exit "$status"
+}
+trap _cbd_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
