@@ -233,6 +233,7 @@ bool ChannelQueue::submit(const IoRequest& io, int payload_fd, Replier& replier)
   }
 
   std::unique_lock lock(mutex_);
+  request.sequence = next_sequence_++;
   requests_.emplace(&request, std::move(owned));
   bool payload_ok = true;
   std::uint64_t payload_consumed = 0;
@@ -321,16 +322,29 @@ void ChannelQueue::finish_if_done(std::unique_lock<std::mutex>& lock, Request& r
   }
   auto stream = std::find_if(streaming_.begin(), streaming_.end(),
                              [&](const auto& item) { return item.second == owned.get(); });
-  if (stream != streaming_.end()) {
-    replier = stream->first;
-    streaming_.erase(stream);
-    // Release the replies held back behind this stream.
-    std::vector<Request*> held;
-    for (auto& [pending, unused] : requests_)
-      if (pending->replier == replier) held.push_back(pending);
-    for (Request* pending : held)
-      if (requests_.count(pending)) deliver(lock, *pending);
-  }
+  const bool ended_stream = stream != streaming_.end();
+  if (ended_stream) streaming_.erase(stream);
+  Replier* freed = owned->replier;
+  if (freed && !streaming_.count(freed) && (ended_stream || deferred_streams_.count(freed))) release_held(lock, freed);
+}
+
+void ChannelQueue::release_held(std::unique_lock<std::mutex>& lock, Replier* replier) {
+  std::vector<Request*> held;
+  for (auto& [pending, unused] : requests_)
+    if (pending->replier == replier && pending->next_to_deliver < pending->entries.size() &&
+        entries_[pending->entries[pending->next_to_deliver]].completed)
+      held.push_back(pending);
+  std::sort(held.begin(), held.end(), [](const Request* a, const Request* b) { return a->sequence < b->sequence; });
+  for (Request* pending : held)
+    if (requests_.count(pending)) deliver(lock, *pending);
+}
+
+bool ChannelQueue::must_defer_stream(const Request& request) const {
+  if (!request.replier || request.next_to_deliver != 0 || request.io.type != kCmdRead) return false;
+  if (request.all_submitted && request.entries.size() <= 1) return false;  // one piece: no stream
+  for (const auto& [other, unused] : requests_)
+    if (other->replier == request.replier && other->sequence < request.sequence) return true;
+  return false;
 }
 
 void ChannelQueue::deliver(std::unique_lock<std::mutex>& lock, Request& request) {
@@ -338,6 +352,21 @@ void ChannelQueue::deliver(std::unique_lock<std::mutex>& lock, Request& request)
     auto stream = streaming_.find(request.replier);
     if (stream != streaming_.end() && stream->second != &request) return;  // held until that stream ends
   }
+  // A READ in several pieces holds its connection from its first piece to
+  // its last (simple replies cannot interleave).  It starts only once the
+  // older requests of its connection have finished: otherwise they would
+  // complete behind the stream, hold their data extents, and the stream's
+  // later pieces could find no room — a deadlock.  Younger requests cannot
+  // do that: the connection's reader submits one request at a time, so they
+  // arrive only after every piece of this one has its extent.
+  const bool defer = must_defer_stream(request);
+  if (defer != request.deferred) {
+    request.deferred = defer;
+    auto& count = deferred_streams_[request.replier];
+    count += defer ? 1 : -1;
+    if (count == 0) deferred_streams_.erase(request.replier);
+  }
+  if (defer) return;
   while (request.next_to_deliver < request.entries.size()) {
     std::uint32_t slot = request.entries[request.next_to_deliver];
     Entry& entry = entries_[slot];

@@ -81,6 +81,8 @@ class ChannelQueue final : public RequestTarget {
     std::size_t next_to_deliver = 0;      // READ: first piece not yet handed to the replier
     bool all_submitted = false;
     bool send_failed = false;             // the connection refused data: skip the rest, still finish()
+    bool deferred = false;                // READ stream waiting for older requests of its connection
+    std::uint64_t sequence = 0;           // submission order on this queue
     int error = 0;
   };
 
@@ -96,6 +98,11 @@ class ChannelQueue final : public RequestTarget {
   // except for a request that never reached the ring.
   void deliver(std::unique_lock<std::mutex>& lock, Request& request);
   void finish_if_done(std::unique_lock<std::mutex>& lock, Request& request);
+  // True when `request` must not start its reply stream yet (see deliver()).
+  bool must_defer_stream(const Request& request) const;
+  // Delivers what is ready among the requests of `replier`, now that no
+  // stream holds it.
+  void release_held(std::unique_lock<std::mutex>& lock, Replier* replier);
   void retire(std::uint32_t slot);
   std::uint64_t tag_of(std::uint32_t slot) const { return (entries_[slot].serial << 20) | slot; }
 
@@ -119,6 +126,9 @@ class ChannelQueue final : public RequestTarget {
   // replies for it are held back — never waited for inside the completion
   // thread, which is the one thread that can finish the stream.
   std::unordered_map<Replier*, Request*> streaming_;
+  // Per connection, how many READs wait to start their stream.
+  std::unordered_map<Replier*, unsigned> deferred_streams_;
+  std::uint64_t next_sequence_ = 1;
   std::condition_variable work_;   // wakes the completion thread when it sleeps with nothing in flight
   std::size_t in_flight_ = 0;      // entries pushed and not completed
   int fail_pending_ = 0;           // set by fail_outstanding(), acted on by the completion thread

@@ -323,7 +323,8 @@ BlockSizes advertised_block_sizes(const ExportInfo& info) {
                                                           : std::max<std::uint32_t>(4096, sizes.minimum);
   std::uint32_t maximum = info.block_max == 0 ? nbd::kMaxPayload : std::min(info.block_max, nbd::kMaxPayload);
   maximum -= maximum % sizes.minimum;
-  sizes.preferred = std::min(sizes.preferred, std::max(maximum, sizes.minimum));
+  // Preferred must stay a power of two; it should not exceed the maximum.
+  if (sizes.preferred > maximum) sizes.preferred = std::max(std::bit_floor(maximum), sizes.minimum);
   sizes.maximum = std::max(maximum, sizes.preferred);
   return sizes;
 }

@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "client/request_target.hpp"
-#include "client/unique_fd.hpp"
+#include "common/unique_fd.hpp"
 
 namespace cbd::proxy {
 

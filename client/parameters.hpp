@@ -30,8 +30,6 @@ class Parameters {
   std::map<std::string, std::string> values_;
 };
 
-// Parses "256M"-style sizes; throws cbd::Error naming `what` when malformed.
-std::uint64_t parse_size(const std::string& text, const std::string& what);
 // The lines of --help text for these specs.
 std::string describe(const std::vector<ParameterSpec>& specs);
 

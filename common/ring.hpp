@@ -127,7 +127,11 @@ class RingConsumer {
   std::uint32_t available() {
     if (local_tail_ == cached_head_) refresh_head();
     std::uint32_t level = cached_head_ - local_tail_;
-    return level > capacity() ? 0 : level;
+    if (level > capacity()) {
+      forget_head();
+      return 0;
+    }
+    return level;
   }
 
   PopStatus pop(Entry& out) {
@@ -135,7 +139,10 @@ class RingConsumer {
       refresh_head();
       if (local_tail_ == cached_head_) return PopStatus::Empty;
     }
-    if (cached_head_ - local_tail_ > capacity()) return PopStatus::Broken;
+    if (cached_head_ - local_tail_ > capacity()) {
+      forget_head();
+      return PopStatus::Broken;
+    }
     const Entry* slot = &entries_[local_tail_ & mask_];
     bool verified = !mode_.checksum && !mode_.flush;
     for (int attempt = 0; attempt <= (verified ? 0 : kChecksumRetries); ++attempt) {
@@ -165,6 +172,9 @@ class RingConsumer {
     if (mode_.flush) invalidate_lines(&head_->value, sizeof head_->value);
     cached_head_ = load_acquire(head_->value);
   }
+  // An impossible producer index is never kept: the next call reads the
+  // shared one again, so the ring serves normally once the peer is honest.
+  void forget_head() { cached_head_ = local_tail_; }
 
   const RingIndex* head_ = nullptr;
   RingIndex* tail_ = nullptr;

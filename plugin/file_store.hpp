@@ -11,7 +11,7 @@
 #include <string>
 
 #include "plugin/store.hpp"
-#include "plugin/unique_fd.hpp"
+#include "common/unique_fd.hpp"
 
 namespace cbd::backend {
 

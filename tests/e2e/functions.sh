@@ -28,6 +28,9 @@ TRANSPORT=/dev/shm/cbd-$TEST_NAME-$$-$RANDOM
 # reverse order (proxies before the backend they talk to).
 _cbd_pids=()
 _cbd_logs=()
+# Numbers the files of each started process; never reused, so a restart
+# after stop_all gets fresh socket, pid and log files.
+_cbd_serial=0
 
 log() { printf '%s: %s\n' "$TEST_NAME" "$*" >&2; }
 fail() { log "FAIL: $*"; exit 1; }
@@ -119,7 +122,7 @@ list_json() {
 # BACKEND_SOCKET (nbdkit's own NBD socket) and BACKEND_URI. nbdkit writes
 # its pid file once it is ready to serve.
 start_backend() {
-    local n=${#_cbd_pids[@]}
+    local n=$((_cbd_serial++))
     local pidfile=$TEST_DIR/nbdkit-$n.pid
     local logfile=$TEST_DIR/nbdkit-$n.log
     BACKEND_SOCKET=$TEST_DIR/nbdkit-$n.sock
@@ -156,7 +159,7 @@ _wait_backend_listed() {
 # PROXY_PID, PROXY_URI (and PROXY_SOCKET for unix sockets); waits until an
 # NBD client can connect.
 start_proxy() {
-    local n=${#_cbd_pids[@]}
+    local n=$((_cbd_serial++))
     local logfile=$TEST_DIR/proxy-$n.log
     local arg port="" listen=()
     for arg in "$@"; do

@@ -159,18 +159,29 @@ TEST_CASE("ring: indices wrap past 2^32 without a hiccup") {
 }
 
 TEST_CASE("ring: an impossible producer index is Broken, never a read out of the ring") {
-  TestRing<SubmissionEntry> ring(8);
   SubmissionEntry out{};
+  // A corrupt peer claims more entries than the ring holds, or fewer than
+  // were already consumed.  Each lie seen fresh and each seen after another.
+  TestRing<SubmissionEntry> ring(8);
   REQUIRE(ring.producer.push(submission(1)));
-  REQUIRE(ring.consumer.pop(out) == PopStatus::Ok);
-  // A corrupt peer claims more entries than the ring holds.
-  for (std::uint32_t lie : {1u + 9u, 1u + 1000u, 0u /* behind the consumer */, 0x80000000u}) {
+  REQUIRE(ring.consumer.pop(out) == PopStatus::Ok);  // consumer at 1
+  for (std::uint32_t lie : {1u + 9u, 1u + 1000u, 0u, 0x80000000u, 1u + 9u}) {
     CAPTURE(lie);
+    TestRing<SubmissionEntry> fresh(8);
+    fresh.head.value = lie;  // consumer at 0
+    if (lie != 0) {
+      CHECK(fresh.consumer.pop(out) == PopStatus::Broken);
+      CHECK(fresh.consumer.available() == 0);
+    }
     ring.head.value = lie;
     CHECK(ring.consumer.pop(out) == PopStatus::Broken);
     CHECK(ring.consumer.available() == 0);
   }
-  // Nothing was consumed: an honest index again is served normally.
+  CHECK(ring.tail.value == 0);  // nothing released...
+  ring.consumer.release();
+  CHECK(ring.tail.value == 1);  // ...and nothing consumed beyond the good entry
+  // Nothing was consumed: once the index is honest again, the ring is served
+  // normally (the caller keeps polling while it waits for a fix).
   ring.head.value = 1;
   CHECK(ring.consumer.pop(out) == PopStatus::Empty);
   ring.entries[1] = submission(2);
@@ -178,14 +189,14 @@ TEST_CASE("ring: an impossible producer index is Broken, never a read out of the
   ring.head.value = 2;
   REQUIRE(ring.consumer.pop(out) == PopStatus::Ok);
   CHECK(out.tag == 2);
-  // A full ring (head - tail == capacity) is fine, one more is not.
+  // A full ring (head - tail == capacity) is fine; one more is not.
   TestRing<SubmissionEntry> full(8);
   for (int i = 0; i < 8; ++i) REQUIRE(full.producer.push(submission(i)));
   CHECK(full.consumer.available() == 8);
-  full.head.value = 9;
-  TestRing<SubmissionEntry> fresh(8);
-  fresh.head.value = 9;
-  CHECK(fresh.consumer.pop(out) == PopStatus::Broken);
+  for (int i = 0; i < 8; ++i) REQUIRE(full.consumer.pop(out) == PopStatus::Ok);
+  TestRing<SubmissionEntry> over(8);
+  over.head.value = 9;
+  CHECK(over.consumer.pop(out) == PopStatus::Broken);
 }
 
 TEST_CASE("ring: an impossible consumer index stops the producer") {

@@ -1,0 +1,365 @@
+#include "plugin/handler.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+
+#include "common/shared_atomic.hpp"
+
+namespace cbd::backend {
+namespace {
+
+constexpr std::uint64_t kMaxEntryLength = 32ull << 20;  // what NBD clients send at most per request
+
+bool op_known(std::uint16_t op) { return op >= 1 && op <= kOpMax; }
+
+// The flags each operation may carry (NBD: FUA on writes, NO_HOLE and
+// FAST_ZERO on write-zeroes, REQ_ONE on block status).
+std::uint16_t allowed_flags(Op op) {
+  switch (op) {
+    case Op::Write:
+    case Op::Trim: return kFlagFua;
+    case Op::WriteZeroes: return kFlagFua | kFlagNoHole | kFlagFastZero;
+    case Op::BlockStatus: return kFlagReqOne;
+    default: return 0;
+  }
+}
+
+bool modifies(Op op) { return op == Op::Write || op == Op::Trim || op == Op::WriteZeroes; }
+
+const char* op_name(std::uint16_t op) {
+  switch (op) {
+    case 1: return "read";
+    case 2: return "write";
+    case 3: return "flush";
+    case 4: return "trim";
+    case 5: return "write-zeroes";
+    case 6: return "block-status";
+    case 7: return "cache";
+    default: return "unknown";
+  }
+}
+
+// Writes block status results as ExtentDescriptors straight into the data
+// extent, merging neighbours with equal flags.
+class DescriptorWriter final : public ExtentSink {
+ public:
+  DescriptorWriter(std::byte* out, std::uint32_t capacity, std::uint64_t offset, std::uint64_t end, bool req_one)
+      : out_(out), capacity_(req_one ? std::min<std::uint32_t>(capacity, 1) : capacity), next_(offset), end_(end) {}
+
+  bool add(std::uint64_t offset, std::uint64_t length, std::uint32_t flags) override {
+    // A store must report the range in order and without gaps; stop at the
+    // first extent that does not continue where the last one ended.
+    if (offset != next_ || length == 0) return false;
+    length = std::min(length, end_ - offset);
+    flags &= kExtentHole | kExtentZero;
+    while (length > 0) {
+      if (have_pending_ && pending_.flags == flags && pending_.length < kMaxDescriptorLength) {
+        std::uint64_t grow = std::min<std::uint64_t>(length, kMaxDescriptorLength - pending_.length);
+        pending_.length += static_cast<std::uint32_t>(grow);
+        length -= grow;
+        next_ += grow;
+        continue;
+      }
+      if (have_pending_) {
+        if (written_ + 1 >= capacity_) return false;  // room only for the pending one
+        emit();
+      }
+      std::uint64_t take = std::min<std::uint64_t>(length, kMaxDescriptorLength);
+      pending_ = {static_cast<std::uint32_t>(take), flags};
+      have_pending_ = true;
+      length -= take;
+      next_ += take;
+    }
+    return next_ < end_;
+  }
+
+  // Bytes of descriptors written.
+  std::uint32_t finish() {
+    if (have_pending_ && written_ < capacity_) emit();
+    have_pending_ = false;
+    return written_ * static_cast<std::uint32_t>(sizeof(ExtentDescriptor));
+  }
+
+ private:
+  // Keeps descriptor lengths block-aligned-ish when they must be split.
+  static constexpr std::uint32_t kMaxDescriptorLength = 0xfffff000u;
+
+  void emit() {
+    // The extent may be unaligned: memcpy, never a typed store.
+    std::memcpy(out_ + std::size_t{written_} * sizeof(ExtentDescriptor), &pending_, sizeof pending_);
+    ++written_;
+  }
+
+  std::byte* out_;
+  std::uint32_t capacity_;
+  std::uint32_t written_ = 0;
+  std::uint64_t next_;
+  std::uint64_t end_;
+  ExtentDescriptor pending_{};
+  bool have_pending_ = false;
+};
+
+}  // namespace
+
+std::uint32_t block_max_for(std::uint64_t data_size) {
+  return static_cast<std::uint32_t>(std::min(data_size, kMaxEntryLength));
+}
+
+Validation validate(const SubmissionEntry& entry, const ExportLimits& limits, const Channel& channel) {
+  if (!op_known(entry.op)) return {EINVAL, "unknown operation"};
+  const Op op = static_cast<Op>(entry.op);
+  if (entry.flags & ~kKnownFlags) return {EINVAL, "unknown flags"};
+  if (entry.flags & ~allowed_flags(op)) return {EINVAL, "flag not allowed for this operation"};
+
+  if (op != Op::Flush) {
+    if (entry.offset > limits.size || entry.length > limits.size - entry.offset)
+      return {op == Op::Write || op == Op::WriteZeroes ? ENOSPC : EINVAL, "range past the end of the export"};
+  }
+  if (limits.read_only && modifies(op)) return {EPERM, "write to a read-only export"};
+
+  Validation result;
+  switch (op) {
+    case Op::Read:
+    case Op::Write:
+      if (entry.length > limits.block_max) return {EINVAL, "longer than the published block_max"};
+      if (entry.data_length != entry.length) return {EINVAL, "data extent length differs from the length"};
+      result.data = channel.data(entry.data_offset, entry.data_length);
+      if (!result.data) return {EINVAL, "data extent outside the channel's data area"};
+      break;
+    case Op::BlockStatus:
+      if (entry.length == 0) return {EINVAL, "block status of an empty range"};
+      if (entry.data_length < sizeof(ExtentDescriptor)) return {EINVAL, "data extent too small for one extent"};
+      result.data = channel.data(entry.data_offset, entry.data_length);
+      if (!result.data) return {EINVAL, "data extent outside the channel's data area"};
+      break;
+    default:
+      break;  // no data extent: data_offset/data_length are ignored
+  }
+  return result;
+}
+
+InFlightTable::InFlightTable(unsigned capacity) : entries_(capacity == 0 ? 1 : capacity), busy_(entries_.size()) {
+  free_.reserve(entries_.size());
+  for (std::size_t i = entries_.size(); i > 0; --i) free_.push_back(static_cast<std::uint32_t>(i - 1));
+}
+
+std::uint32_t InFlightTable::add(const InFlight& request) {
+  std::uint32_t index = free_.back();
+  free_.pop_back();
+  entries_[index] = request;
+  busy_[index] = true;
+  return index;
+}
+
+InFlight InFlightTable::take(std::uint64_t index) {
+  if (index >= entries_.size() || !busy_[index]) return {};
+  busy_[index] = false;
+  free_.push_back(static_cast<std::uint32_t>(index));
+  return entries_[index];
+}
+
+ChannelHandler::ChannelHandler(const Transport& transport, std::uint32_t index, Store& store,
+                               const ExportLimits& limits)
+    : channel_(transport, index),
+      store_(store),
+      limits_(limits),
+      submissions_(channel_.submission_consumer()),
+      completions_(channel_.completion_producer()) {}
+
+void ChannelHandler::attach(std::uint64_t generation, std::uint64_t backend_epoch) {
+  channel_.handler_attach(generation, backend_epoch);
+  submissions_.reset();
+  completions_.reset();
+  overflow_.clear();
+  completed_since_publish_ = errors_since_publish_ = 0;
+  staged_ = false;
+  broken_ = false;
+  generation_ = generation;
+  serving_ = true;
+  log(LogLevel::Debug, "channel %u: serving generation %llu", index(), static_cast<unsigned long long>(generation));
+}
+
+void ChannelHandler::detach() {
+  if (!serving_) return;
+  serving_ = false;
+  overflow_.clear();
+  staged_ = false;
+  log(LogLevel::Debug, "channel %u: stopped serving generation %llu", index(),
+      static_cast<unsigned long long>(generation_));
+}
+
+unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, unsigned budget) {
+  // Back-pressure: while completions wait for room, take nothing new.
+  if (!serving_ || broken_ || !overflow_.empty()) return 0;
+  unsigned taken = 0;
+  while (taken < budget && queue.room() > 0 && !table.full()) {
+    SubmissionEntry entry;
+    PopStatus status = submissions_.pop(entry);
+    if (status == PopStatus::Empty) break;
+    if (status == PopStatus::Broken) {
+      broken_ = true;
+      std::uint64_t suppressed = 0;
+      if (broken_limit_.allow(&suppressed))
+        log(LogLevel::Error,
+            "channel %u: submission ring indices are impossible (corrupt control block); not serving generation "
+            "%llu until the queue side re-initialises it",
+            index(), static_cast<unsigned long long>(generation_));
+      break;
+    }
+    ++taken;
+    if (status == PopStatus::Corrupt) {
+      std::uint64_t suppressed = 0;
+      if (bad_entry_limit_.allow(&suppressed))
+        log(LogLevel::Warning, "channel %u: corrupt submission entry (tag %#llx), failed with EIO (%llu more suppressed)",
+            index(), static_cast<unsigned long long>(entry.tag), static_cast<unsigned long long>(suppressed));
+      complete(entry.tag, EIO);
+      continue;
+    }
+    start(entry, queue, table);
+  }
+  // The entries are private copies now: hand their slots back at once.
+  submissions_.release();
+  return taken;
+}
+
+unsigned ChannelHandler::fail_waiting(int status) {
+  if (!serving_ || broken_) return 0;
+  unsigned failed = 0;
+  SubmissionEntry entry;
+  for (;;) {
+    PopStatus result = submissions_.pop(entry);
+    if (result == PopStatus::Empty) break;
+    if (result == PopStatus::Broken) {
+      broken_ = true;
+      break;
+    }
+    complete(entry.tag, status);
+    ++failed;
+  }
+  submissions_.release();
+  return failed;
+}
+
+void ChannelHandler::start(const SubmissionEntry& entry, StoreQueue& queue, InFlightTable& table) {
+  Validation check = validate(entry, limits_, channel_);
+  if (check.error) {
+    std::uint64_t suppressed = 0;
+    if (bad_entry_limit_.allow(&suppressed))
+      log(LogLevel::Warning,
+          "channel %u: refused %s entry (tag %#llx, offset %llu, length %u, data %u+%u, flags %#x): %s — %s "
+          "(%llu more suppressed)",
+          index(), op_name(entry.op), static_cast<unsigned long long>(entry.tag),
+          static_cast<unsigned long long>(entry.offset), entry.length, entry.data_offset, entry.data_length,
+          entry.flags, check.reason, std::strerror(check.error), static_cast<unsigned long long>(suppressed));
+    complete(entry.tag, check.error);
+    return;
+  }
+  const Op op = static_cast<Op>(entry.op);
+  StoreRequest request;
+  request.offset = entry.offset;
+  request.length = entry.length;
+  request.fua = entry.flags & kFlagFua;
+  switch (op) {
+    case Op::Read: request.op = StoreOp::Read; break;
+    case Op::Write:
+      // Checksum mode: the bytes must be the ones the queue side checksummed
+      // before any of them reaches the disk.
+      if (!channel_.consume_data(check.data, entry.length, entry.data_crc)) {
+        std::uint64_t suppressed = 0;
+        if (bad_entry_limit_.allow(&suppressed))
+          log(LogLevel::Warning, "channel %u: write data checksum mismatch (tag %#llx), failed with EIO", index(),
+              static_cast<unsigned long long>(entry.tag));
+        complete(entry.tag, EIO);
+        return;
+      }
+      request.op = StoreOp::Write;
+      break;
+    case Op::Flush: request.op = StoreOp::Flush; break;
+    case Op::Trim: request.op = StoreOp::Trim; break;
+    case Op::WriteZeroes:
+      request.op = StoreOp::Zero;
+      request.no_hole = entry.flags & kFlagNoHole;
+      request.fast_zero = entry.flags & kFlagFastZero;
+      if (request.fast_zero && !store_.info().can_fast_zero) {
+        complete(entry.tag, ENOTSUP);  // fail fast: that is the whole point of FAST_ZERO
+        return;
+      }
+      break;
+    case Op::Cache: request.op = StoreOp::Cache; break;
+    case Op::BlockStatus: block_status(entry, check.data); return;
+  }
+  if (entry.length == 0 && op != Op::Flush) {
+    complete(entry.tag, 0);  // nothing to do; never bother the store
+    return;
+  }
+  request.buffer = check.data;
+  request.user_data = table.add({this, generation_, entry.tag, op, check.data, entry.length});
+  ++in_flight_;
+  queue.enqueue(request);
+}
+
+void ChannelHandler::block_status(const SubmissionEntry& entry, std::byte* data) {
+  const bool req_one = entry.flags & kFlagReqOne;
+  DescriptorWriter writer(data, entry.data_length / static_cast<std::uint32_t>(sizeof(ExtentDescriptor)),
+                          entry.offset, entry.offset + entry.length, req_one);
+  int error = store_.extents(entry.offset, entry.length, req_one, writer);
+  std::uint32_t bytes = writer.finish();
+  if (error == 0 && bytes == 0) error = EIO;  // a reply needs at least one extent
+  if (error) {
+    complete(entry.tag, error);
+    return;
+  }
+  complete(entry.tag, 0, bytes, channel_.publish_data(data, bytes));
+}
+
+void ChannelHandler::finish(const InFlight& request, int error) {
+  if (in_flight_ > 0) --in_flight_;
+  if (!serving_ || request.generation != generation_) return;  // nobody waits for it any more
+  if (request.op == Op::Read && error == 0) {
+    complete(request.tag, 0, request.length, channel_.publish_data(request.data, request.length));
+    return;
+  }
+  complete(request.tag, error);
+}
+
+void ChannelHandler::complete(std::uint64_t tag, int status, std::uint32_t result_length, std::uint32_t data_crc) {
+  CompletionEntry completion{};
+  completion.tag = tag;
+  completion.status = status;
+  completion.result_length = result_length;
+  completion.data_crc = data_crc;
+  ++completed_since_publish_;
+  if (status != 0) ++errors_since_publish_;
+  // Keep completion order: once one waits, later ones wait behind it.
+  if (!overflow_.empty() || !completions_.stage(completion)) {
+    overflow_.push_back(completion);
+    return;
+  }
+  staged_ = true;
+}
+
+bool ChannelHandler::publish() {
+  if (!serving_) return false;
+  while (!overflow_.empty() && completions_.stage(overflow_.front())) {
+    overflow_.pop_front();
+    staged_ = true;
+  }
+  if (!staged_) return false;
+  completions_.publish();
+  staged_ = false;
+  ChannelControl& control = channel_.control();
+  if (completed_since_publish_) add_relaxed(control.handler_completed, completed_since_publish_);
+  if (errors_since_publish_) add_relaxed(control.handler_errors, errors_since_publish_);
+  completed_since_publish_ = errors_since_publish_ = 0;
+  return true;
+}
+
+void ChannelHandler::heartbeat(std::chrono::steady_clock::time_point now, std::chrono::milliseconds interval) {
+  if (!serving_ || now - last_beat_ < interval) return;
+  last_beat_ = now;
+  add_relaxed(channel_.control().handler_heartbeat, std::uint64_t{1});
+}
+
+}  // namespace cbd::backend

@@ -1,0 +1,136 @@
+// The handler side of one channel (design §1): takes submission entries
+// from the channel's submission ring, validates every field (design §3.6),
+// executes them against the store through the handler thread's StoreQueue,
+// and posts completion entries.
+//
+// Nothing read from the channel is trusted: an entry is copied out of the
+// ring before it is checked, and a bad entry only ever earns an error
+// completion.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <vector>
+
+#include "common/channel.hpp"
+#include "common/layout.hpp"
+#include "common/log.hpp"
+#include "plugin/store.hpp"
+
+namespace cbd::backend {
+
+// What the backend published in its slot: the bounds entries are checked
+// against.
+struct ExportLimits {
+  std::uint64_t size = 0;
+  std::uint32_t block_max = 0;  // largest read/write length of one entry
+  bool read_only = false;
+};
+
+struct Validation {
+  int error = 0;                 // 0: execute the entry; else the status of its completion
+  const char* reason = "";       // why it was refused (for the log)
+  std::byte* data = nullptr;     // the entry's data extent (read, write, block status)
+};
+
+// Checks an entry copied out of the submission ring.  Never touches memory:
+// it only computes whether the data extent lies inside the channel's data
+// area.
+Validation validate(const SubmissionEntry& entry, const ExportLimits& limits, const Channel& channel);
+
+// The largest read/write a channel with this data area can carry in one
+// entry, as published in BackendSlot::block_max.
+std::uint32_t block_max_for(std::uint64_t data_size);
+
+class ChannelHandler;
+
+// A request handed to the store, remembered until the store finishes it.
+struct InFlight {
+  ChannelHandler* channel = nullptr;
+  std::uint64_t generation = 0;  // of the channel when the entry was taken
+  std::uint64_t tag = 0;
+  Op op = Op::Read;
+  std::byte* data = nullptr;
+  std::uint32_t length = 0;
+};
+
+// Fixed-size table of in-flight requests of one handler thread; the index is
+// the StoreRequest's user_data.
+class InFlightTable {
+ public:
+  explicit InFlightTable(unsigned capacity);
+  bool full() const { return free_.empty(); }
+  unsigned size() const { return static_cast<unsigned>(entries_.size() - free_.size()); }
+  std::uint32_t add(const InFlight& request);
+  // Removes and returns the request; a channel of nullptr for an index that
+  // is not in flight.
+  InFlight take(std::uint64_t index);
+
+ private:
+  std::vector<InFlight> entries_;
+  std::vector<bool> busy_;
+  std::vector<std::uint32_t> free_;
+};
+
+class ChannelHandler {
+ public:
+  ChannelHandler(const Transport& transport, std::uint32_t index, Store& store, const ExportLimits& limits);
+  ChannelHandler(const ChannelHandler&) = delete;
+  ChannelHandler& operator=(const ChannelHandler&) = delete;
+
+  std::uint32_t index() const { return channel_.index(); }
+  const Channel& channel() const { return channel_; }
+  bool serving() const { return serving_; }
+  // The generation we last attached to (0: never).
+  std::uint64_t generation() const { return generation_; }
+  // Store requests of this channel not yet finished (any generation).
+  unsigned in_flight() const { return in_flight_; }
+  // Completions that did not fit in the completion ring yet.
+  bool has_unposted() const { return !overflow_.empty(); }
+
+  // Step 2 of the attach protocol, then serve `generation`.
+  void attach(std::uint64_t generation, std::uint64_t backend_epoch);
+  // Stop serving: no more entries are taken, and completions of requests
+  // still in flight are dropped (they belong to a generation nobody waits
+  // for any more).
+  void detach();
+
+  // Takes up to `budget` entries: each one completes at once (invalid,
+  // block status, zero-length) or goes to `queue`.  Returns how many.
+  unsigned take_entries(StoreQueue& queue, InFlightTable& table, unsigned budget);
+  // Fails every entry waiting in the submission ring with `status` (used
+  // when the backend stops).  Returns how many.
+  unsigned fail_waiting(int status);
+  // A store request of this channel finished.
+  void finish(const InFlight& request, int error);
+  // Makes staged completions visible to the queue side.  Returns true if
+  // anything was posted.
+  bool publish();
+  // Bumps handler_heartbeat when `interval` has passed since the last bump.
+  void heartbeat(std::chrono::steady_clock::time_point now, std::chrono::milliseconds interval);
+
+ private:
+  void start(const SubmissionEntry& entry, StoreQueue& queue, InFlightTable& table);
+  void block_status(const SubmissionEntry& entry, std::byte* data);
+  void complete(std::uint64_t tag, int status, std::uint32_t result_length = 0, std::uint32_t data_crc = 0);
+
+  Channel channel_;
+  Store& store_;
+  ExportLimits limits_;
+  RingConsumer<SubmissionEntry> submissions_;
+  RingProducer<CompletionEntry> completions_;
+  bool serving_ = false;
+  bool broken_ = false;  // the submission ring's indices are impossible: wait for a new generation
+  std::uint64_t generation_ = 0;
+  unsigned in_flight_ = 0;
+  std::deque<CompletionEntry> overflow_;  // never dropped while serving
+  std::uint64_t completed_since_publish_ = 0;
+  std::uint64_t errors_since_publish_ = 0;
+  bool staged_ = false;
+  std::chrono::steady_clock::time_point last_beat_{};
+  RateLimit bad_entry_limit_;
+  RateLimit broken_limit_;
+};
+
+}  // namespace cbd::backend

@@ -1,0 +1,192 @@
+#include "plugin/handler_thread.hpp"
+
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+
+#include <cerrno>
+
+#include "common/cache_lines.hpp"
+#include "common/log.hpp"
+#include "common/shared_atomic.hpp"
+#include "common/slot.hpp"
+
+namespace cbd::backend {
+namespace {
+
+// Entries taken from one channel per loop before the next channel gets a
+// turn, so one busy channel cannot starve the others.
+constexpr unsigned kTakeBudget = 32;
+// How often a handler looks for channels that attached, detached or changed
+// generation.  Also bounds how long a queue side waits for attachment.
+constexpr auto kDiscoveryInterval = std::chrono::milliseconds(1);
+// Sleep between discoveries while no channel is served at all.
+constexpr long kUnattachedSleepNs = 5'000'000;
+
+// The queue side's binding of a channel, read in the order the attach
+// protocol publishes it: generation (acquire) first, then the fields stored
+// before it.
+struct Binding {
+  std::uint64_t word;
+  std::uint64_t generation;
+  std::uint32_t backend_id;
+  std::uint64_t backend_epoch;
+  std::uint32_t owner_host;
+};
+
+Binding read_binding(const Channel& channel) {
+  ChannelControl& control = channel.control();
+  if (channel.mode().flush) invalidate_lines(&control, 2 * kLineSize);
+  Binding binding{};
+  binding.word = load_acquire(control.header.state);
+  binding.generation = load_acquire(control.generation);
+  binding.backend_id = load_relaxed(control.backend_id);
+  binding.backend_epoch = load_relaxed(control.backend_epoch);
+  binding.owner_host = load_relaxed(control.header.owner_host);
+  return binding;
+}
+
+}  // namespace
+
+HandlerThread::HandlerThread(ServingContext& context, std::vector<std::uint32_t> channel_indices)
+    : context_(context) {
+  channels_.reserve(channel_indices.size());
+  for (std::uint32_t index : channel_indices)
+    channels_.push_back(std::make_unique<ChannelHandler>(context.transport, index, context.store, context.limits));
+  thread_ = std::thread([this] { run(); });
+}
+
+HandlerThread::~HandlerThread() {
+  request_stop();
+  join();
+}
+
+void HandlerThread::join() {
+  if (thread_.joinable()) thread_.join();
+}
+
+bool HandlerThread::should_keep(const ChannelHandler& handler) const {
+  Binding binding = read_binding(handler.channel());
+  SlotState state = state_of(binding.word);
+  return !context_.backend_lost.load(std::memory_order_relaxed) && binding.backend_id == context_.backend_index &&
+         binding.backend_epoch == context_.backend_epoch && binding.generation == handler.generation() &&
+         (state == SlotState::Live || state == SlotState::Stopping);
+}
+
+void HandlerThread::discover(std::chrono::steady_clock::time_point now) {
+  const bool stopping = stopping_.load(std::memory_order_acquire);
+  for (auto& handler : channels_) {
+    const std::uint32_t index = handler->index();
+    Binding binding = read_binding(handler->channel());
+    const bool ours = !context_.backend_lost.load(std::memory_order_relaxed) &&
+                      binding.backend_id == context_.backend_index &&
+                      binding.backend_epoch == context_.backend_epoch &&
+                      binding.owner_host < context_.transport.host_count() &&
+                      context_.host_allowed[binding.owner_host].load(std::memory_order_relaxed) &&
+                      context_.channel_condemned[index].load(std::memory_order_seq_cst) != binding.word;
+    if (handler->serving()) {
+      SlotState state = state_of(binding.word);
+      bool keep = ours && binding.generation == handler->generation() &&
+                  (state == SlotState::Live || state == SlotState::Stopping);
+      if (!keep) handler->detach();
+    }
+    if (!handler->serving() && handler->in_flight() == 0) {
+      // Attach only once the previous generation's I/O has finished, so
+      // none of it lands in data extents of the new one.
+      bool attach = !stopping && ours && state_of(binding.word) == SlotState::Live && binding.generation != 0 &&
+                    binding.generation != handler->generation();
+      if (attach) {
+        // Announce first, then re-check the service's verdict: with both
+        // sides seq_cst, the service either sees us serving (and does not
+        // reclaim) or we see its condemnation (and do not attach).
+        context_.channel_serving[index].store(true, std::memory_order_seq_cst);
+        if (context_.channel_condemned[index].load(std::memory_order_seq_cst) == binding.word) attach = false;
+      }
+      if (attach)
+        handler->attach(binding.generation, context_.backend_epoch);
+      else
+        context_.channel_serving[index].store(false, std::memory_order_seq_cst);
+    }
+    handler->heartbeat(now, context_.heartbeat_interval);
+  }
+}
+
+void HandlerThread::run() {
+  // Signals are for nbdkit's main thread.
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+
+  std::unique_ptr<StoreQueue> queue = context_.store.open_queue(context_.queue_depth);
+  InFlightTable table(context_.queue_depth);
+  AdaptivePoller poller(context_.poll);
+  std::vector<StoreCompletion> completions;
+  completions.reserve(context_.queue_depth);
+  auto next_discovery = std::chrono::steady_clock::now();
+  bool draining = false;
+  std::chrono::steady_clock::time_point deadline{};
+
+  for (;;) {
+    auto now = std::chrono::steady_clock::now();
+    if (!draining && stopping_.load(std::memory_order_acquire)) {
+      draining = true;
+      deadline = now + context_.shutdown_grace;
+    }
+    if (now >= next_discovery || draining) {
+      discover(now);
+      next_discovery = now + kDiscoveryInterval;
+    }
+
+    unsigned work = 0;
+    bool any_serving = false;
+    for (auto& handler : channels_) {
+      any_serving |= handler->serving();
+      work += draining ? handler->fail_waiting(ESHUTDOWN) : handler->take_entries(*queue, table, kTakeBudget);
+    }
+    queue->submit();
+    completions.clear();
+    queue->reap(completions, false);
+    for (const StoreCompletion& done : completions) {
+      InFlight request = table.take(done.user_data);
+      if (request.channel) request.channel->finish(request, done.error);
+    }
+    work += static_cast<unsigned>(completions.size());
+    bool unposted = false;
+    for (auto& handler : channels_) {
+      handler->publish();
+      unposted |= handler->has_unposted();
+    }
+
+    if (draining) {
+      if (table.size() == 0 && !unposted) break;
+      if (now >= deadline) {
+        log(LogLevel::Error,
+            "handler: stopping with %u requests still in flight or completions the queue side never made room for",
+            table.size());
+        break;
+      }
+    }
+    if (work > 0) {
+      poller.active();
+    } else if (!any_serving && table.size() == 0 && !draining) {
+      // Nothing attached: look for new channels now and then, no faster.
+      poller.quiesce();
+      timespec pause{0, kUnattachedSleepNs};
+      ::nanosleep(&pause, nullptr);
+    } else {
+      poller.idle();
+    }
+  }
+
+  // Tell the queue side this handler is gone (attached_generation is ours),
+  // unless it already moved to another generation.
+  for (auto& handler : channels_) {
+    if (handler->serving() && should_keep(*handler))
+      store_release(handler->channel().control().attached_generation, std::uint64_t{0});
+    handler->detach();
+    context_.channel_serving[handler->index()].store(false, std::memory_order_seq_cst);
+  }
+  // `queue` is destroyed here: it waits for any I/O still in the kernel.
+}
+
+}  // namespace cbd::backend

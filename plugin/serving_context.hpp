@@ -1,0 +1,49 @@
+// What the backend service shares with its handler threads: the export, our
+// slot identity, tunables, and the verdicts of the service's periodic scan
+// (which hosts may attach, which channels are dead).  Handler threads only
+// read it, except `channel_serving`, which each writes for its own channels.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+
+#include "common/poller.hpp"
+#include "common/transport.hpp"
+#include "plugin/handler.hpp"
+#include "plugin/store.hpp"
+
+namespace cbd::backend {
+
+struct ServingContext {
+  ServingContext(const Transport& transport_, Store& store_)
+      : transport(transport_),
+        store(store_),
+        host_allowed(std::make_unique<std::atomic<bool>[]>(transport_.host_count())),
+        channel_condemned(std::make_unique<std::atomic<std::uint64_t>[]>(transport_.channel_count())),
+        channel_serving(std::make_unique<std::atomic<bool>[]>(transport_.channel_count())) {}
+
+  const Transport& transport;
+  Store& store;
+  ExportLimits limits;
+  std::uint32_t backend_index = 0;
+  std::uint64_t backend_epoch = 0;
+  unsigned queue_depth = 64;          // store requests in flight per handler thread
+  PollTunables poll;
+  std::chrono::milliseconds heartbeat_interval{200};
+  std::chrono::milliseconds shutdown_grace{5000};  // longest wait for the queue side to make room on stop
+
+  // By host slot index: may channels owned by that host be served?
+  std::unique_ptr<std::atomic<bool>[]> host_allowed;
+  // By channel index: the state word the service judged dead (0: none).  A
+  // handler stops serving a channel whose current word equals it.
+  std::unique_ptr<std::atomic<std::uint64_t>[]> channel_condemned;
+  // By channel index: is a handler serving it (or still finishing its I/O)?
+  // The service reclaims a dead channel only when this is false.
+  std::unique_ptr<std::atomic<bool>[]> channel_serving;
+  // Our backend slot was taken over by someone else: serve nothing.
+  std::atomic<bool> backend_lost{false};
+};
+
+}  // namespace cbd::backend
