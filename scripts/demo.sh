@@ -131,7 +131,7 @@ match="the copies matched"
 say "fio: 4 jobs of mixed random I/O with crc32c verification"
 fio --name=demo --ioengine=nbd --uri="$uri" --rw=randrw --bsrange=4k-1m --iodepth=8 \
     --numjobs=4 --size=64M --offset_increment=64M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --group_reporting --output-format=json --output="$work/fio.json"
+    --do_verify=1 --verify_state_save=0 --group_reporting --output-format=json --output="$work/fio.json"
 fio_errors=$(jq '[.jobs[].error] | add' "$work/fio.json")
 fio_read=$(jq '.jobs[0].read.bw_bytes / 1048576 | floor' "$work/fio.json")
 fio_write=$(jq '.jobs[0].write.bw_bytes / 1048576 | floor' "$work/fio.json")
