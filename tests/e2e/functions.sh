@@ -363,3 +363,48 @@ JOB
     jq -e '[.jobs[] | .read.io_bytes] | all(. > 0)' "$TEST_DIR/fio.json" >/dev/null || fail "a job read nothing"
     log "fio: $jobs jobs verified $(jq '[.jobs[] | .write.io_bytes] | add' "$TEST_DIR/fio.json") bytes written"
 }
+
+# ---- fault injection (tests/e2e/test-fault-*.sh) ----
+
+# crash_process PID: SIGKILL a process this test started and reap it; it is
+# no longer stopped (or judged) by stop_all.
+crash_process() {
+    local pid=$1 i keep=()
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for i in "${!_cbd_pids[@]}"; do
+        [[ ${_cbd_pids[i]} == "$pid" ]] || keep+=("${_cbd_pids[i]}")
+    done
+    _cbd_pids=("${keep[@]}")
+}
+
+# fast_transport [KEY=VALUE...]: format $TRANSPORT with short heartbeats so
+# that a dead owner is noticed within half a second.
+fast_transport() {
+    format_transport size=64M heartbeat-ms=50 dead-after-ms=500 "$@"
+}
+
+# slot_count KIND [JQ-FILTER]: how many slots of KIND (hosts, backends,
+# blkdevs, channels) `cbd-proxy list --json` shows owned, optionally only
+# those matching a jq select() condition, e.g. '.alive'.
+slot_count() {
+    local kind=$1 filter=${2:-true}
+    list_json | jq "[.${kind}[]? | select($filter)] | length"
+}
+
+# in_flight_total: the sum of the channel counters `in_flight`.
+in_flight_total() {
+    list_json | jq '[.channels[]? | .in_flight] | add // 0'
+}
+
+# find_python: sets PYTHON to an interpreter with libnbd's binding, or skips.
+find_python() {
+    local candidate
+    for candidate in /usr/bin/python3 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import nbd' 2>/dev/null; then
+            PYTHON=$candidate
+            return 0
+        fi
+    done
+    skip "the Python binding of libnbd (python3-libnbd) is not installed"
+}
