@@ -3,8 +3,10 @@
 # its demo.  Idempotent: when everything is present it prints nothing and
 # does not touch the network.  Run as root (or with sudo available).
 #
-#   scripts/install-deps.sh          build, test and demo dependencies
-#   scripts/install-deps.sh --vm     also what scripts/vm-test.sh needs
+# Besides the build, test and demo dependencies it installs what
+# scripts/vm-test.sh boots its compute-node guest from: QEMU and Debian's own
+# kernel package (its nbd and ext4 modules), busybox, cpio and kmod.  Those
+# come without their recommendations (no firmware, no bootloader).
 set -euo pipefail
 
 packages=(
@@ -21,21 +23,29 @@ packages=(
     # benchmark chart
     gnuplot-nox
 )
-if [[ ${1:-} == --vm ]]; then
-    packages+=(qemu-system-x86 busybox-static kmod cpio linux-image-amd64)
-fi
+vm_packages=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio)
 
-missing=()
-for package in "${packages[@]}"; do
-    status=$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null || true)
-    [[ $status == installed ]] || missing+=("$package")
-done
-((${#missing[@]} == 0)) && exit 0
+# missing_from PACKAGE...: the ones dpkg does not have installed.
+missing_from() {
+    local package status
+    for package in "$@"; do
+        status=$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null || true)
+        [[ $status == installed ]] || echo "$package"
+    done
+}
+mapfile -t missing < <(missing_from "${packages[@]}")
+mapfile -t missing_vm < <(missing_from "${vm_packages[@]}")
+((${#missing[@]} + ${#missing_vm[@]} == 0)) && exit 0
 
 sudo=()
 ((EUID == 0)) || sudo=(sudo)
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
-"${sudo[@]}" apt-get -o DPkg::Lock::Timeout=600 install -y -q "${missing[@]}" >/dev/null
+apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q)
+echo "install-deps: installing ${missing[*]} ${missing_vm[*]}"
+"${apt[@]}" update >/dev/null
+if ((${#missing[@]})); then
+    "${apt[@]}" install -y "${missing[@]}" >/dev/null
+fi
+if ((${#missing_vm[@]})); then
+    "${apt[@]}" install -y --no-install-recommends "${missing_vm[@]}" >/dev/null
+fi
 echo "install-deps: done"
