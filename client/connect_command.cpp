@@ -82,7 +82,8 @@ int run_connect(const Parameters& p) {
   auto attach = [&] { blkdev = std::make_unique<Blkdev>(transport, options); };
   NbdServer server([&]() -> std::shared_ptr<RequestTarget> { return blkdev ? blkdev->next_target() : nullptr; });
   if (stdio) {
-    server.add_stdio_connection();
+    // Added once the blkdev is attached (below): the connection asks for
+    // its queue as soon as it starts.
   } else if (activated) {
     if (server.listen_activated() == 0) throw Error("socket-activation: no sockets passed (LISTEN_FDS/LISTEN_PID)");
   } else if (p.has("unix")) {
@@ -132,6 +133,7 @@ int run_connect(const Parameters& p) {
   ::sigaction(SIGINT, &action, nullptr);
   ::sigaction(SIGHUP, &action, nullptr);
   write_pidfile(p.text("pidfile", ""));
+  if (stdio) server.add_stdio_connection();
 
   server.serve();
   active_server = nullptr;

@@ -29,7 +29,8 @@ int main(int argc, char** argv) {
   app.footer(
       "Examples:\n"
       "  cbd-proxy format transport=/dev/shm/cbd size=256M\n"
-      "  nbdkit cbd transport=/dev/shm/cbd file=disk.img      (storage node)\n"
+      "  nbdkit -p 10810 cbd transport=/dev/shm/cbd file=disk.img  (storage node; on one host keep\n"
+      "                                                  nbdkit's own NBD port off 10809)\n"
       "  cbd-proxy connect backend=0 transport=/dev/shm/cbd   (compute node)\n"
       "  nbd-client localhost /dev/nbd0\n"
       "  qemu-img info nbd://localhost\n"
