@@ -57,6 +57,21 @@ grep -qx 'cbd-e2e' "$TEST_DIR/nbd-client-list.txt" || fail "nbd-client -l does n
 run_client nbdinfo --size "nbd://127.0.0.1:$port/cbd-e2e" >"$TEST_DIR/tcp-size.txt"
 [[ $(cat "$TEST_DIR/tcp-size.txt") == "$size" ]] || fail "TCP export has the wrong size"
 
+# Started by the client itself: socket activation (nbdinfo -- [ ... ]) and
+# one connection on stdin/stdout (libnbd's connect_command).
+activated=$(run_client nbdinfo --size -- [ "$CBD_PROXY" connect backend=0 transport="$TRANSPORT" ])
+[[ $activated == "$size" ]] || fail "socket-activated proxy reports size '$activated', want $size"
+if /usr/bin/python3 -c 'import nbd' 2>/dev/null; then
+    stdio_size=$(run_client /usr/bin/python3 -c '
+import sys, nbd
+h = nbd.NBD()
+h.connect_command(sys.argv[1:])
+h.pread(4096, 0)
+print(h.get_size())
+h.shutdown()' "$CBD_PROXY" connect backend=0 transport="$TRANSPORT" stdio)
+    [[ $stdio_size == "$size" ]] || fail "stdio proxy reports size '$stdio_size', want $size"
+fi
+
 stop_all
 list_json >"$TEST_DIR/after.json"
 jq -e '[.hosts[], .backends[], .blkdevs[], .channels[] | select(.alive == true)] | length == 0' \
