@@ -20,6 +20,9 @@ std::uint64_t parse_size(const std::string& text, const std::string& what) {
   std::size_t used = 0;
   unsigned long long value = 0;
   try {
+    // std::stoull skips blanks and accepts a sign, silently wrapping "-1"
+    // to 2^64-1: a size must start with a digit.
+    if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0]))) throw std::invalid_argument(text);
     value = std::stoull(text, &used, 10);
   } catch (const std::exception&) {
     throw Error(what + "=" + text + ": not a size (examples: 4096, 64k, 256M, 1G)");
@@ -48,7 +51,9 @@ bool parse_bool(const std::string& text, const std::string& what) {
 std::uint64_t parse_number(const std::string& text, const std::string& what) {
   std::size_t used = 0;
   try {
-    if (!text.empty() && text[0] != '-') {
+    // Not just "no leading '-'": std::stoull also skips blanks first, so
+    // " -1" would wrap to 2^64-1.
+    if (!text.empty() && std::isdigit(static_cast<unsigned char>(text[0]))) {
       auto value = std::stoull(text, &used, 0);
       if (used == text.size()) return value;
     }
