@@ -37,16 +37,17 @@ void AdaptivePoller::active() {
 }
 
 void AdaptivePoller::idle() {
+  const auto since = std::chrono::steady_clock::now() - last_active_;
   if (spinning_) {
-    auto since = std::chrono::steady_clock::now() - last_active_;
     if (since < std::chrono::microseconds(tunables_.spin_us)) {
       for (int i = 0; i < 32; ++i) cpu_relax();
       return;
     }
     spinning_ = false;
   }
-  sleep_us_ = sleep_us_ == 0 ? std::max<std::uint32_t>(tunables_.min_sleep_us, 1)
-                             : std::min(sleep_us_ * 2, std::max(tunables_.max_sleep_us, tunables_.min_sleep_us));
+  std::uint32_t ceiling = std::max(tunables_.max_sleep_us, tunables_.min_sleep_us);
+  if (since >= std::chrono::milliseconds(tunables_.idle_after_ms)) ceiling = std::max(ceiling, tunables_.idle_sleep_us);
+  sleep_us_ = sleep_us_ == 0 ? std::max<std::uint32_t>(tunables_.min_sleep_us, 1) : std::min(sleep_us_ * 2, ceiling);
   sleep_us(sleep_us_);
 }
 

@@ -12,6 +12,11 @@ struct PollTunables {
   std::uint32_t spin_us = 50;       // keep spinning this long after the last activity
   std::uint32_t min_sleep_us = 2;   // first sleep after spinning
   std::uint32_t max_sleep_us = 1000;  // sleeps double up to this
+  // Deep idle: once nothing happened for idle_after_ms, sleeps may grow up
+  // to idle_sleep_us.  Busy periods keep the short ceiling (latency); an
+  // idle daemon wakes ~100 times a second instead of ~1000 (CPU ~0).
+  std::uint32_t idle_after_ms = 1000;
+  std::uint32_t idle_sleep_us = 10000;
 };
 
 class AdaptivePoller {

@@ -19,7 +19,8 @@ const char* const kBackendParametersHelp =
     "handlers=N               Handler threads (default 1).\n"
     "queue-depth=N            Store requests in flight per handler thread (default 64).\n"
     "spin-us=N                Polling: spin this long after activity (default 50).\n"
-    "max-sleep-us=N           Polling: longest back-off sleep (default 1000).";
+    "max-sleep-us=N           Polling: longest back-off sleep while busy (default 1000).\n"
+    "idle-sleep-us=N          Polling: longest sleep after 1 s without I/O (default 10000).";
 
 bool apply_backend_parameter(BackendParameters& p, const std::string& key, const std::string& value) {
   if (key == "transport") {
@@ -52,6 +53,9 @@ bool apply_backend_parameter(BackendParameters& p, const std::string& key, const
   } else if (key == "max-sleep-us") {
     p.config.poll.max_sleep_us = static_cast<std::uint32_t>(parse_number(value, key));
     if (p.config.poll.max_sleep_us == 0) throw Error("max-sleep-us=0: must be at least 1");
+  } else if (key == "idle-sleep-us") {
+    p.config.poll.idle_sleep_us = static_cast<std::uint32_t>(parse_number(value, key));
+    if (p.config.poll.idle_sleep_us == 0) throw Error("idle-sleep-us=0: must be at least 1");
   } else {
     return false;
   }

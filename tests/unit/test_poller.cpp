@@ -66,6 +66,7 @@ TEST_CASE("poller: sleeps grow to the ceiling; active() resets to spinning; quie
   tunables.spin_us = 20000;  // 20 ms of spinning after activity
   tunables.min_sleep_us = 50;
   tunables.max_sleep_us = 2000;
+  tunables.idle_after_ms = 60000;  // no deep idle in this test
   AdaptivePoller poller(tunables);
 
   // Within the spin budget an idle() is a short pause, not a sleep.  (Short
@@ -101,3 +102,26 @@ TEST_CASE("poller: sleeps grow to the ceiling; active() resets to spinning; quie
   CHECK(first < 1900us);
 }
 
+
+TEST_CASE("poller: after idle_after_ms without activity sleeps grow to idle_sleep_us; activity ends it") {
+  PollTunables tunables;
+  tunables.spin_us = 0;
+  tunables.min_sleep_us = 50;
+  tunables.max_sleep_us = 500;
+  tunables.idle_after_ms = 30;
+  tunables.idle_sleep_us = 8000;
+  AdaptivePoller poller(tunables);
+  poller.active();
+  // Before idle_after_ms the ceiling is max_sleep_us...
+  for (int i = 0; i < 6; ++i) poller.idle();  // 50 .. 1600 capped at 500
+  CHECK(best_of([&] { return time_idle(poller); }) < 4ms);
+  // ...after it, sleeps keep doubling up to idle_sleep_us.
+  auto idle_end = Clock::now() + 40ms;
+  while (Clock::now() < idle_end) poller.idle();
+  for (int i = 0; i < 6; ++i) poller.idle();
+  CHECK(time_idle(poller) >= 7ms);
+  // Activity: back to short sleeps at once.
+  poller.active();
+  for (int i = 0; i < 6; ++i) poller.idle();
+  CHECK(best_of([&] { return time_idle(poller); }) < 4ms);
+}
