@@ -274,9 +274,14 @@ class UringQueue final : public StoreQueue {
       finished_.push_back({request.user_data, EPERM});
       return;
     }
+    std::uint64_t done = 0;
+    if (try_in_place(request, done)) {
+      finished_.push_back({request.user_data, 0});
+      return;
+    }
     unsigned index = free_slots_.back();
     free_slots_.pop_back();
-    slots_[index] = {request, 0};
+    slots_[index] = {request, done};
     ++async_in_flight_;
     prepare(index);
   }
@@ -309,6 +314,31 @@ class UringQueue final : public StoreQueue {
     StoreRequest request;
     std::uint64_t done;  // bytes transferred so far (short reads/writes continue)
   };
+
+  // A page-cache hit needs no asynchronous machinery: try the transfer in
+  // place without blocking (RWF_NOWAIT).  io_uring makes the same attempt,
+  // but on file systems without non-blocking support (tmpfs among them) it
+  // hands every request to a worker thread: a context switch each.  Only
+  // buffered reads and plain writes qualify — O_DIRECT and FUA writes would
+  // wait for the device.  `done` receives the bytes moved by a partial
+  // transfer; io_uring carries on from there.  True when it is complete.
+  bool try_in_place(const StoreRequest& request, std::uint64_t& done) {
+    const bool read = request.op == StoreOp::Read;
+    const bool write = request.op == StoreOp::Write && !request.fua;
+    if (!(read ? nowait_reads_ : write && nowait_writes_)) return false;
+    if (!store_.buffered(request.buffer, request.length, request.offset)) return false;
+    iovec iov{request.buffer, request.length};
+    const int fd = store_.fd_for(request.buffer, request.length, request.offset);
+    const auto offset = static_cast<off_t>(request.offset);
+    ssize_t moved = read ? ::preadv2(fd, &iov, 1, offset, RWF_NOWAIT) : ::pwritev2(fd, &iov, 1, offset, RWF_NOWAIT);
+    if (moved < 0) {
+      // Not supported here at all: stop trying, io_uring does it all.
+      if (errno == EOPNOTSUPP || errno == ENOTSUP || errno == EINVAL) (read ? nowait_reads_ : nowait_writes_) = false;
+      return false;
+    }
+    done = static_cast<std::uint64_t>(moved);
+    return done == request.length;
+  }
 
   bool wait_one() {
     submit();
@@ -405,6 +435,8 @@ class UringQueue final : public StoreQueue {
   unsigned in_flight_ = 0;        // enqueued, not yet reaped
   unsigned async_in_flight_ = 0;  // in the kernel
   unsigned unsubmitted_ = 0;
+  bool nowait_reads_ = true;   // preadv2(RWF_NOWAIT) works on this file
+  bool nowait_writes_ = true;  // pwritev2(RWF_NOWAIT) works on this file
   RateLimit limit_;
 };
 

@@ -41,6 +41,10 @@ class FileStore final : public Store {
   // The descriptor for a transfer: the O_DIRECT one when the buffer, offset
   // and length suit it, else the buffered one.
   int fd_for(const void* buffer, std::uint64_t length, std::uint64_t offset) const;
+  // True when a transfer goes through the page cache (not O_DIRECT).
+  bool buffered(const void* buffer, std::uint64_t length, std::uint64_t offset) const {
+    return fd_for(buffer, length, offset) == fd_.get();
+  }
 
  private:
   int write_zeroes(std::uint64_t offset, std::uint64_t length);
