@@ -1,16 +1,13 @@
 #include "common/periodic_thread.hpp"
 
-#include <csignal>
-#include <pthread.h>
+#include "common/thread_signals.hpp"
 
 namespace cbd {
 
 PeriodicThread::PeriodicThread(std::chrono::milliseconds interval, std::function<void()> tick) {
   thread_ = std::thread([this, interval, tick = std::move(tick)] {
     // Signals belong to the main thread (nbdkit, the proxy's main loop).
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, nullptr);
+    block_async_signals();
     std::unique_lock lock(mutex_);
     while (!stopping_) {
       lock.unlock();

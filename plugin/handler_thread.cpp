@@ -10,6 +10,7 @@
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
+#include "common/thread_signals.hpp"
 
 namespace cbd::backend {
 namespace {
@@ -113,9 +114,7 @@ void HandlerThread::discover(std::chrono::steady_clock::time_point now) {
 
 void HandlerThread::run() {
   // Signals are for nbdkit's main thread.
-  sigset_t all;
-  sigfillset(&all);
-  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  block_async_signals();
 
   std::unique_ptr<StoreQueue> queue = context_.store.open_queue(context_.queue_depth);
   InFlightTable table(context_.queue_depth);
