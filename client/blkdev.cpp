@@ -106,12 +106,19 @@ Blkdev::Blkdev(const Transport& transport, const BlkdevOptions& options)
   for (SlotClaim& claim : channels) {
     auto queue = std::make_shared<ChannelQueue>(transport, std::move(claim), info_, options.poll);
     queues_.push_back(queue);
+    std::lock_guard lock(beats_mutex_);
+    channel_beats_.push_back({&queue->claim().header(), queue->claim().word()});
   }
   for (auto& queue : queues_) {
+    // The handlers cannot answer a refusal through shared memory: a backend
+    // that does not serve this host (allow-hosts=) simply never attaches.
+    // Name that cause and the host name it judges by.
     if (!queue->bind(binding, options.attach_timeout))
       throw Error(where + ": backend " + std::to_string(options.backend_id) + " did not attach channel " +
                   std::to_string(queue->index()) + " within " + std::to_string(options.attach_timeout.count()) +
-                  " ms — is it serving (allow-hosts=)?");
+                  " ms — if it was started with allow-hosts=, this host (\"" +
+                  read_name(transport.host(host_.index()).hostname) +
+                  "\") is not in the list (set hostname= or extend allow-hosts=); otherwise its handlers are stuck");
   }
   watcher_ = std::make_unique<PeriodicThread>(std::chrono::milliseconds(50), [this] { watch_backend(); });
 }
@@ -131,10 +138,30 @@ std::shared_ptr<RequestTarget> Blkdev::next_target() {
 void Blkdev::beat() {
   host_.beat();
   blkdev_.beat();
-  for (auto& queue : queues_) queue->claim().beat();
+  // Not through queues_: the destructor clears it (each queue draining, then
+  // releasing its channel) while this thread keeps beating the channels that
+  // are left; a released channel is no longer ours to beat.
+  std::lock_guard lock(beats_mutex_);
+  for (const ChannelBeat& channel : channel_beats_)
+    if (still_owned(*channel.header, channel.word)) cbd::beat(*channel.header);
 }
 
 void Blkdev::watch_backend() {
+  // A process stalled for longer than dead-after-ms (SIGSTOP, a paused VM,
+  // an overloaded machine) is judged dead and its slots are reclaimed, by
+  // the backend or by `cbd-proxy gc`, and may be claimed by someone else.
+  // Using a reclaimed channel would share it with its new owner: stop for
+  // good and fail every request instead.
+  if (lost_) return;
+  bool owned = host_.owned() && blkdev_.owned();
+  for (auto& queue : queues_) owned = owned && queue->claim().owned();
+  if (!owned) {
+    log(LogLevel::Error, "blkdev %u: our slots were reclaimed (this process was judged dead: stalled for over %u ms?); "
+        "failing every request with EIO — restart cbd-proxy", blkdev_.index(), transport_.superblock().dead_after_ms);
+    for (auto& queue : queues_) queue->fail_outstanding(EIO);
+    lost_ = true;
+    return;
+  }
   const BackendSlot& slot = transport_.backend(options_.backend_id);
   Liveness liveness = backend_observer_.observe(options_.backend_id, slot.header);
   std::uint64_t epoch = 0;

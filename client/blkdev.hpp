@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -61,6 +62,17 @@ class Blkdev {
   std::uint64_t bound_epoch_ = 0;
   std::optional<std::chrono::steady_clock::time_point> backend_gone_since_;
   bool failed_ = false;
+  bool lost_ = false;  // our slots were reclaimed: serve nothing any more
+
+  // What the heartbeat thread beats for the channels: their headers and the
+  // words we claimed them with, not the queues themselves, which the
+  // constructor creates and the destructor destroys while it runs.
+  struct ChannelBeat {
+    SlotHeader* header;
+    std::uint64_t word;
+  };
+  std::mutex beats_mutex_;
+  std::vector<ChannelBeat> channel_beats_;  // guarded by beats_mutex_
 
   // Last: they call into the members above, so they stop first.
   std::unique_ptr<PeriodicThread> heartbeat_;

@@ -129,6 +129,9 @@ bool ChannelQueue::rebind(std::uint64_t backend_epoch, std::chrono::milliseconds
     }
   }
   submissions_.publish();
+  // queue_setup() zeroed the shared in_flight counter; the re-driven entries
+  // are still in flight (cbd-proxy list reports it).
+  store_relaxed(channel_.control().in_flight, static_cast<std::uint64_t>(in_flight_));
   if (redriven) log(LogLevel::Info, "channel %u: re-drove %zu outstanding entries to backend epoch %llu", index(),
                     redriven, static_cast<unsigned long long>(backend_epoch));
   lock.unlock();

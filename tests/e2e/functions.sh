@@ -408,3 +408,20 @@ find_python() {
     done
     skip "the Python binding of libnbd (python3-libnbd) is not installed"
 }
+
+# on_exit CMD: run CMD (eval'd) when the test exits, before the standard
+# cleanup (which stops the servers and removes $TEST_DIR); the exit status
+# is kept.  For resources the helpers above do not know about (mounts,
+# processes started outside start_backend/start_proxy).
+_cbd_exit_hooks=()
+_cbd_cleanup_with_hooks() {
+    local status=$? hook
+    set +e
+    for hook in "${_cbd_exit_hooks[@]}"; do eval "$hook"; done
+    (exit "$status")
+    _cbd_cleanup
+}
+on_exit() {
+    _cbd_exit_hooks+=("$1")
+    trap _cbd_cleanup_with_hooks EXIT
+}
