@@ -2,9 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <csignal>
 #include <cstring>
-#include <pthread.h>
 
 #include <utility>
 
@@ -12,6 +10,7 @@
 #include "client/nbd_protocol.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
+#include "common/thread_signals.hpp"
 
 namespace cbd::proxy {
 namespace {
@@ -72,6 +71,7 @@ ChannelQueue::ChannelQueue(const Transport& transport, SlotClaim claim, ExportIn
   // Pieces of a quarter of the data area keep several in flight at once.
   std::uint64_t piece = std::min<std::uint64_t>(channel_.data_size() / 4, info_.block_max);
   max_piece_ = static_cast<std::uint32_t>(std::max<std::uint64_t>(piece & ~std::uint64_t{4095}, 4096));
+  stall_timeout_ = std::chrono::milliseconds(std::max(5000u, 5 * transport.superblock().dead_after_ms));
   completion_thread_ = std::thread([this] { completion_loop(); });
 }
 
@@ -98,20 +98,24 @@ bool ChannelQueue::bind(const Binding& binding, std::chrono::milliseconds timeou
   return rebind(binding.backend_epoch, timeout);
 }
 
-bool ChannelQueue::rebind(std::uint64_t backend_epoch, std::chrono::milliseconds timeout) {
+bool ChannelQueue::set_up(std::optional<std::uint64_t> backend_epoch, std::chrono::milliseconds timeout) {
   std::uint64_t generation;
   {
     std::lock_guard lock(mutex_);
-    binding_.backend_epoch = backend_epoch;
+    if (backend_epoch) binding_.backend_epoch = *backend_epoch;
     attached_ = false;
     submissions_.reset();
     completions_.reset();
-    generation = channel_.queue_setup(binding_.backend_id, binding_.blkdev_id, backend_epoch);
+    generation = channel_.queue_setup(binding_.backend_id, binding_.blkdev_id, binding_.backend_epoch);
     generation_ = generation;
   }
   auto deadline = std::chrono::steady_clock::now() + timeout;
   while (!channel_.handler_attached(generation)) {
     if (std::chrono::steady_clock::now() >= deadline) return false;
+    {
+      std::lock_guard lock(mutex_);
+      if (stopping_ || fail_pending_ || generation_ != generation) return false;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   std::unique_lock lock(mutex_);
@@ -133,7 +137,7 @@ bool ChannelQueue::rebind(std::uint64_t backend_epoch, std::chrono::milliseconds
   // are still in flight (cbd-proxy list reports it).
   store_relaxed(channel_.control().in_flight, static_cast<std::uint64_t>(in_flight_));
   if (redriven) log(LogLevel::Info, "channel %u: re-drove %zu outstanding entries to backend epoch %llu", index(),
-                    redriven, static_cast<unsigned long long>(backend_epoch));
+                    redriven, static_cast<unsigned long long>(binding_.backend_epoch));
   lock.unlock();
   space_.notify_all();
   work_.notify_all();
@@ -469,12 +473,13 @@ void ChannelQueue::fail_in_flight(std::unique_lock<std::mutex>& lock, int error)
 }
 
 void ChannelQueue::completion_loop() {
-  sigset_t all;
-  sigfillset(&all);
-  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  block_async_signals();
   AdaptivePoller poller(poll_);
   RateLimit broken_log;
-  std::chrono::steady_clock::time_point stop_deadline{};
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point stop_deadline{};
+  Clock::time_point last_progress = Clock::now();
+  Clock::time_point broken_since{};  // {}: the ring is not broken
   std::unique_lock lock(mutex_);
   for (;;) {
     if (fail_pending_) {
@@ -497,6 +502,8 @@ void ChannelQueue::completion_loop() {
       // wait should a notification be missed.
       work_.wait_for(lock, std::chrono::milliseconds(100));
       poller.active();
+      last_progress = Clock::now();
+      broken_since = {};
       continue;
     }
     CompletionEntry completion;
@@ -505,6 +512,8 @@ void ChannelQueue::completion_loop() {
       completions_.release();
       complete(lock, completion);
       poller.active();
+      last_progress = Clock::now();
+      broken_since = {};
       continue;
     }
     if (status == PopStatus::Corrupt) {
@@ -513,10 +522,30 @@ void ChannelQueue::completion_loop() {
         log(LogLevel::Warning, "channel %u: completion entry failed its checks; failing its request with EIO", index());
       completion.status = EIO;
       complete(lock, completion);
+      last_progress = Clock::now();
       continue;
     }
-    if (status == PopStatus::Broken && broken_log.allow())
-      log(LogLevel::Error, "channel %u: the completion ring's producer index is corrupt; waiting for the backend to be restarted", index());
+    const auto now = Clock::now();
+    if (status == PopStatus::Broken && broken_since == Clock::time_point{}) broken_since = now;
+    // An impossible completion ring stays impossible (the handler has no
+    // reason to rewrite its index); a brief grace covers a torn read in
+    // flush mode.  Entries lost any other way show as a stall.
+    const bool broken = broken_since != Clock::time_point{} && now - broken_since > std::chrono::milliseconds(100);
+    const bool stalled = now - last_progress > stall_timeout_;
+    if (broken || stalled) {
+      if (broken_log.allow())
+        log(LogLevel::Warning,
+            "channel %u: %s with %zu entries in flight; setting the channel up again and re-driving them", index(),
+            broken ? "the completion ring's producer index is impossible (corrupt control block)"
+                   : "no completion for too long",
+            in_flight_);
+      lock.unlock();
+      set_up(std::nullopt, stall_timeout_);
+      lock.lock();
+      last_progress = Clock::now();
+      broken_since = {};
+      continue;
+    }
     lock.unlock();
     poller.idle();
     lock.lock();

@@ -16,6 +16,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <memory>
 #include <thread>
 #include <unordered_map>
@@ -48,7 +49,9 @@ class ChannelQueue final : public RequestTarget {
   bool bind(const Binding& binding, std::chrono::milliseconds timeout);
   // After a backend restart: re-initialise the channel for the new epoch and
   // submit again every entry that has not completed.
-  bool rebind(std::uint64_t backend_epoch, std::chrono::milliseconds timeout);
+  bool rebind(std::uint64_t backend_epoch, std::chrono::milliseconds timeout) {
+    return set_up(backend_epoch, timeout);
+  }
   // The backend is gone for good (timeout): complete every outstanding entry
   // with EIO, and fail new requests until rebind() succeeds.
   void fail_outstanding(int error);
@@ -86,6 +89,10 @@ class ChannelQueue final : public RequestTarget {
     int error = 0;
   };
 
+  // Steps 1-3 of the attach protocol with a new generation (for
+  // `backend_epoch`, or the current one), then re-drives every outstanding
+  // entry.  Gives up after `timeout`, or early on stop or fail_outstanding().
+  bool set_up(std::optional<std::uint64_t> backend_epoch, std::chrono::milliseconds timeout);
   // Waits until `length` bytes of data area and one entry slot are free.
   // Returns the entry slot, or -1 if the queue is failing requests.
   int reserve(std::unique_lock<std::mutex>& lock, std::uint32_t data_length, bool needs_extent);
@@ -112,6 +119,11 @@ class ChannelQueue final : public RequestTarget {
   ExportInfo info_;
   PollTunables poll_;
   std::uint32_t max_piece_ = 0;   // largest data extent per entry
+  // With entries in flight and no completion for this long, or with an
+  // impossible completion ring, the channel is set up again and its entries
+  // re-driven: whatever a corrupt peer or a scribbled control block lost,
+  // clients see a delay, never a hang.
+  std::chrono::milliseconds stall_timeout_{10000};
 
   mutable std::mutex mutex_;
   std::condition_variable space_;  // data area, entry slot or ring space freed; or rebound

@@ -346,3 +346,28 @@ TEST_CASE("a backend that never returns: outstanding and new requests fail with 
   REQUIRE(f.queue->submit(request(33, nbd::kCmdRead, 0, 4096), -1, replier));
   CHECK(replier.wait(33) == 0);
 }
+
+TEST_CASE("an impossible completion ring index: the queue sets the channel up again and re-drives, no hang") {
+  QueueFixture f;
+  FakeHandler handler(f.transport, 0, f.disk, 1);
+  REQUIRE(f.queue->bind({0, 0, 1}, std::chrono::seconds(5)));
+  handler.pause = true;  // entries wait in the ring
+  RecordingReplier replier;
+  for (std::uint64_t cookie = 40; cookie < 48; ++cookie)
+    REQUIRE(f.queue->submit(request(cookie, nbd::kCmdRead, cookie * 4096, 4096), -1, replier));
+  // A hostile peer scribbles the completion ring's producer index.
+  const std::uint64_t generation = load_acquire(f.transport.channel_control(0).generation);
+  store_release(f.transport.channel_control(0).cq_tail.value, 0x80000000u);
+  // The handler, stuck, never rewrites it: the queue must not wait forever.
+  for (int i = 0; i < 500 && load_acquire(f.transport.channel_control(0).generation) == generation; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  handler.pause = false;
+  for (std::uint64_t cookie = 40; cookie < 48; ++cookie) {
+    REQUIRE(replier.wait(cookie) == 0);
+    auto data = replier.data(cookie);
+    REQUIRE(data.size() == 4096);
+    CHECK(std::memcmp(data.data(), f.disk.data() + cookie * 4096, 4096) == 0);
+  }
+  CHECK(load_acquire(f.transport.channel_control(0).generation) != generation);  // it was set up again
+  CHECK(f.queue->outstanding() == 0);
+}
