@@ -55,8 +55,7 @@ RateLimit bad_completion_log;
 }  // namespace
 
 ChannelQueue::ChannelQueue(const Transport& transport, SlotClaim claim, ExportInfo info, PollTunables poll)
-    : transport_(transport),
-      channel_(transport, claim.index()),
+    : channel_(transport, claim.index()),
       claim_(std::move(claim)),
       info_(std::move(info)),
       poll_(poll),

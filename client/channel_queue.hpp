@@ -113,7 +113,6 @@ class ChannelQueue final : public RequestTarget {
   void retire(std::uint32_t slot);
   std::uint64_t tag_of(std::uint32_t slot) const { return (entries_[slot].serial << 20) | slot; }
 
-  const Transport& transport_;
   Channel channel_;
   SlotClaim claim_;
   ExportInfo info_;
