@@ -1,5 +1,6 @@
 #include "common/poller.hpp"
 
+#include <sched.h>
 #include <sys/prctl.h>
 #include <time.h>
 
@@ -40,7 +41,12 @@ void AdaptivePoller::idle() {
   const auto since = std::chrono::steady_clock::now() - last_active_;
   if (spinning_) {
     if (since < std::chrono::microseconds(tunables_.spin_us)) {
-      for (int i = 0; i < 32; ++i) cpu_relax();
+      for (int i = 0; i < 8; ++i) cpu_relax();
+      // Give the CPU to any thread waiting for it (with more busy threads
+      // than cores — the client, the proxy's readers — a pure spin steals
+      // the time the work we wait for needs); with none, this returns at
+      // once and the spin goes on.
+      ::sched_yield();
       return;
     }
     spinning_ = false;
