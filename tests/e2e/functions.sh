@@ -352,6 +352,7 @@ numjobs=$jobs
 verify=crc32c
 verify_fatal=1
 do_verify=1
+verify_state_save=0
 
 [cbd]
 JOB

@@ -18,33 +18,8 @@ start_proxy
 
 # Each job owns its own region of the export: verification assumes no
 # other job overwrites its blocks.
-cat >"$TEST_DIR/verify.fio" <<JOB
-[global]
-ioengine=nbd
-uri=$PROXY_URI
-rw=randrw
-rwmixread=40
-bsrange=4k-1m
-iodepth=8
-size=$region
-offset_increment=$region
-numjobs=$jobs
-verify=crc32c
-verify_fatal=1
-do_verify=1
-verify_state_save=0
-
-[cbd]
-JOB
-
-run_client fio --output-format=json --output="$TEST_DIR/fio.json" "$TEST_DIR/verify.fio" ||
-    { cat "$TEST_DIR/fio.json" >&2 || true; fail "fio failed"; }
-
+fio_verify "$PROXY_URI" "$region" "$jobs"
 jq -r '.jobs[] | "job \(.jobname)#\(.job_runtime)ms: read \(.read.io_bytes) B, write \(.write.io_bytes) B, error \(.error)"' \
     "$TEST_DIR/fio.json" >&2
-[[ $(jq '.jobs | length' "$TEST_DIR/fio.json") == "$jobs" ]] || fail "fio did not run $jobs jobs"
-jq -e '[.jobs[] | .error] | all(. == 0)' "$TEST_DIR/fio.json" >/dev/null || fail "fio reports errors"
-jq -e '[.jobs[] | .write.io_bytes] | all(. > 0)' "$TEST_DIR/fio.json" >/dev/null || fail "a job wrote nothing"
-jq -e '[.jobs[] | .read.io_bytes] | all(. > 0)' "$TEST_DIR/fio.json" >/dev/null || fail "a job read nothing"
 
 log "PASS"
