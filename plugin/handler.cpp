@@ -176,6 +176,7 @@ void ChannelHandler::attach(std::uint64_t generation, std::uint64_t backend_epoc
   completed_since_publish_ = errors_since_publish_ = 0;
   staged_ = false;
   broken_ = false;
+  broken_since_ = {};
   generation_ = generation;
   serving_ = true;
   log(LogLevel::Debug, "channel %u: serving generation %llu", index(), static_cast<unsigned long long>(generation));
@@ -199,6 +200,13 @@ unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, u
     PopStatus status = submissions_.pop(entry);
     if (status == PopStatus::Empty) break;
     if (status == PopStatus::Broken) {
+      // Either the queue side is setting the channel up again (it resets
+      // its indices just before it publishes a new generation, and discovery
+      // re-attaches within a millisecond) or the control block is corrupt.
+      // Only the second lasts: give up on this generation after 100 ms.
+      const auto now = std::chrono::steady_clock::now();
+      if (broken_since_ == std::chrono::steady_clock::time_point{}) broken_since_ = now;
+      if (now - broken_since_ < std::chrono::milliseconds(100)) break;
       broken_ = true;
       std::uint64_t suppressed = 0;
       if (broken_limit_.allow(&suppressed))
@@ -209,6 +217,7 @@ unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, u
       break;
     }
     ++taken;
+    broken_since_ = {};
     if (status == PopStatus::Corrupt) {
       std::uint64_t suppressed = 0;
       if (bad_entry_limit_.allow(&suppressed))

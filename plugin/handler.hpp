@@ -122,6 +122,7 @@ class ChannelHandler {
   RingProducer<CompletionEntry> completions_;
   bool serving_ = false;
   bool broken_ = false;  // the submission ring's indices are impossible: wait for a new generation
+  std::chrono::steady_clock::time_point broken_since_{};  // first impossible index seen ({}: none)
   std::uint64_t generation_ = 0;
   unsigned in_flight_ = 0;
   std::deque<CompletionEntry> overflow_;  // never dropped while serving
