@@ -136,13 +136,19 @@ list_json() {
 # BACKEND_SOCKET (nbdkit's own NBD socket) and BACKEND_URI. nbdkit writes
 # its pid file once it is ready to serve.
 start_backend() {
+    _start_nbdkit "$CBD_PLUGIN" transport="$TRANSPORT" "$@"
+}
+
+# _start_nbdkit ARGS...: nbdkit -f with a private socket and pid file in
+# $TEST_DIR, then wait until it serves and its backend is listed. Sets
+# BACKEND_PID, BACKEND_SOCKET and BACKEND_URI.
+_start_nbdkit() {
     local n=$((_cbd_serial++))
     local pidfile=$TEST_DIR/nbdkit-$n.pid
     local logfile=$TEST_DIR/nbdkit-$n.log
     BACKEND_SOCKET=$TEST_DIR/nbdkit-$n.sock
     BACKEND_URI="nbd+unix:///?socket=$BACKEND_SOCKET"
-    nbdkit -f -U "$BACKEND_SOCKET" -P "$pidfile" \
-        "$CBD_PLUGIN" transport="$TRANSPORT" "$@" >"$logfile" 2>&1 &
+    nbdkit -f -U "$BACKEND_SOCKET" -P "$pidfile" "$@" >"$logfile" 2>&1 &
     BACKEND_PID=$!
     _cbd_pids+=("$BACKEND_PID")
     _cbd_logs+=("$logfile")
@@ -307,19 +313,7 @@ require_filter_built() {
 # shell, serving $TRANSPORT; the cbd filter is the outermost layer. Sets
 # BACKEND_PID, BACKEND_SOCKET and BACKEND_URI like start_backend.
 start_filter_backend() {
-    local n=$((_cbd_serial++))
-    local pidfile=$TEST_DIR/nbdkit-$n.pid
-    local logfile=$TEST_DIR/nbdkit-$n.log
-    BACKEND_SOCKET=$TEST_DIR/nbdkit-$n.sock
-    BACKEND_URI="nbd+unix:///?socket=$BACKEND_SOCKET"
-    nbdkit -f -U "$BACKEND_SOCKET" -P "$pidfile" \
-        --filter="$CBD_FILTER" "$@" transport="$TRANSPORT" >"$logfile" 2>&1 &
-    BACKEND_PID=$!
-    _cbd_pids+=("$BACKEND_PID")
-    _cbd_logs+=("$logfile")
-    _wait_until "$START_TIMEOUT" "nbdkit to write $pidfile" \
-        _pidfile_ready "$BACKEND_PID" "$pidfile" "$logfile"
-    _wait_backend_listed
+    _start_nbdkit --filter="$CBD_FILTER" "$@" transport="$TRANSPORT"
 }
 
 # start_daemon NAME CMD...: run a helper server (qemu-nbd, ...) in the
