@@ -107,7 +107,7 @@ Blkdev::Blkdev(const Transport& transport, const BlkdevOptions& options)
     auto queue = std::make_shared<ChannelQueue>(transport, std::move(claim), info_, options.poll);
     queues_.push_back(queue);
     std::lock_guard lock(beats_mutex_);
-    channel_beats_.push_back({&queue->claim().header(), queue->claim().word()});
+    channel_beats_.push_back({&queue->claim().header(), queue->claim().word(), initial_heartbeat(queue->claim().word())});
   }
   for (auto& queue : queues_) {
     // The handlers cannot answer a refusal through shared memory: a backend
@@ -142,8 +142,7 @@ void Blkdev::beat() {
   // releasing its channel) while this thread keeps beating the channels that
   // are left; a released channel is no longer ours to beat.
   std::lock_guard lock(beats_mutex_);
-  for (const ChannelBeat& channel : channel_beats_)
-    if (still_owned(*channel.header, channel.word)) cbd::beat(*channel.header);
+  for (ChannelBeat& channel : channel_beats_) cbd::beat(*channel.header, channel.word, channel.last);
 }
 
 void Blkdev::watch_backend() {

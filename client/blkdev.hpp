@@ -70,6 +70,7 @@ class Blkdev {
   struct ChannelBeat {
     SlotHeader* header;
     std::uint64_t word;
+    std::uint64_t last;  // heartbeat value we wrote last (fenced beat)
   };
   std::mutex beats_mutex_;
   std::vector<ChannelBeat> channel_beats_;  // guarded by beats_mutex_

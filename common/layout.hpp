@@ -111,7 +111,7 @@ enum class SlotState : std::uint8_t {
 
 struct SlotHeader {
   std::uint64_t state;        // writer: CAS by claimer / owner / reclaimer (epoch << 8 | SlotState)
-  std::uint64_t heartbeat;    // writer: owner; bumped every heartbeat_interval_ms
+  std::uint64_t heartbeat;    // writer: owner; claim epoch << 32 at claim, then +1 every heartbeat_interval_ms by CAS (fenced, see slot.hpp)
   std::uint32_t owner_host;   // writer: owner at claim; host slot index of the owner (kNoSlot for a host slot)
   std::uint32_t owner_pid;    // writer: owner at claim; informative only
   std::uint8_t reserved[40];
@@ -193,10 +193,12 @@ struct SubmissionEntry {
   std::uint32_t data_offset;  // data extent: byte offset inside the channel's data area
   std::uint32_t data_length;  // data extent length (read/write: == length; block status: capacity)
   std::uint32_t data_crc;     // checksum mode: CRC32C of a write's data extent
-  std::uint8_t reserved[20];
+  std::uint32_t generation;   // low 32 bits of the channel generation it was produced for; other generations are dropped
+  std::uint8_t reserved[16];
   std::uint32_t entry_crc;    // checksum mode: CRC32C of bytes [0, 60)
 };
 static_assert(sizeof(SubmissionEntry) == 64);
+static_assert(offsetof(SubmissionEntry, generation) == 40);
 static_assert(offsetof(SubmissionEntry, tag) == 8);
 static_assert(offsetof(SubmissionEntry, data_offset) == 28);
 static_assert(offsetof(SubmissionEntry, entry_crc) == 60);
@@ -208,10 +210,11 @@ struct CompletionEntry {
   std::uint64_t tag;           // copied from the submission
   std::uint32_t result_length; // bytes the handler wrote into the data extent
   std::uint32_t data_crc;      // checksum mode: CRC32C of those bytes
-  std::uint32_t reserved;
+  std::uint32_t generation;    // copied from the submission; the queue accepts only its current generation's
   std::uint32_t entry_crc;     // checksum mode: CRC32C of bytes [0, 28)
 };
 static_assert(sizeof(CompletionEntry) == 32);
+static_assert(offsetof(CompletionEntry, generation) == 24);
 static_assert(offsetof(CompletionEntry, entry_crc) == 28);
 
 // Block status results: a packed array of these in the data extent.

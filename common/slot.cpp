@@ -28,8 +28,19 @@ std::optional<std::uint64_t> try_take_over(SlotHeader& header, std::uint64_t exp
   std::uint64_t claimed = make_state_word(epoch_of(expected) + 1, SlotState::Live);
   if (!compare_exchange(header.state, expected, claimed)) return std::nullopt;
   stamp_owner(header, owner_host);
-  beat(header);
+  // A fresh heartbeat: it both shows the new owner alive to observers (the
+  // value changed) and fences the former owner, whose next fenced beat()
+  // expects the value it wrote last.
+  store_release(header.heartbeat, initial_heartbeat(claimed));
   return claimed;
+}
+
+bool beat(SlotHeader& header, std::uint64_t claimed_word, std::uint64_t& last) {
+  if (load_acquire(header.state) != claimed_word) return false;
+  std::uint64_t expected = last;
+  if (!compare_exchange(header.heartbeat, expected, last + 1)) return false;
+  last += 1;
+  return true;
 }
 
 bool release(SlotHeader& header, std::uint64_t claimed_word) {

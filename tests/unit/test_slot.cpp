@@ -32,16 +32,18 @@ TEST_CASE("slot: claim, release and epochs") {
   CHECK(h.state == *first);
   CHECK(h.owner_host == 3);
   CHECK(h.owner_pid == static_cast<std::uint32_t>(::getpid()));
-  CHECK(h.heartbeat == 1);  // claiming beats once
+  CHECK(h.heartbeat == initial_heartbeat(*first));  // a claim writes a fresh heartbeat
   CHECK(still_owned(h, *first));
 
   // A live slot cannot be claimed again.
   CHECK_FALSE(try_claim(h, 4));
   CHECK(h.owner_host == 3);
 
-  beat(h);
-  beat(h);
-  CHECK(h.heartbeat == 3);
+  std::uint64_t last = initial_heartbeat(*first);
+  CHECK(beat(h, *first, last));
+  CHECK(beat(h, *first, last));
+  CHECK(h.heartbeat == initial_heartbeat(*first) + 2);
+  CHECK(last == h.heartbeat);
 
   // Release frees it with a new epoch; a second release of the same word fails.
   CHECK(release(h, *first));
@@ -115,8 +117,8 @@ TEST_CASE("slot: SlotClaim releases on destruction unless the slot was lost") {
     CHECK(claim);
     CHECK(claim.owned());
     CHECK(claim.epoch() == 1);
-    claim.beat();
-    CHECK(h.heartbeat == 2);
+    CHECK(claim.beat());
+    CHECK(h.heartbeat == initial_heartbeat(claim.word()) + 1);
   }
   CHECK(state_of(h.state) == SlotState::Free);
   CHECK(epoch_of(h.state) == 2);
@@ -307,4 +309,35 @@ TEST_CASE("slot: 8 processes racing to claim every slot never share one") {
   }
 
   ::munmap(board, sizeof(RaceBoard));
+}
+
+TEST_CASE("slot: an owner whose slot was taken over can no longer beat it, even from a stale view") {
+  SlotHeader h{};
+  auto old_word = try_claim(h, 1);
+  REQUIRE(old_word);
+  SlotClaim old_owner(&h, 0, *old_word);
+  REQUIRE(old_owner.beat());
+  // The owner is paused; an observer judges it dead and a new owner takes over.
+  auto new_word = try_take_over(h, *old_word, 2);
+  REQUIRE(new_word);
+  std::uint64_t new_last = initial_heartbeat(*new_word);
+  REQUIRE(beat(h, *new_word, new_last));
+  const std::uint64_t new_heartbeat = h.heartbeat;
+  // The old owner wakes up: its beat fails, the heartbeat keeps one writer.
+  CHECK_FALSE(old_owner.beat());
+  CHECK(old_owner.lost());
+  CHECK_FALSE(old_owner.owned());
+  CHECK(h.heartbeat == new_heartbeat);
+  // Paused between its check of the state word and its heartbeat write: the
+  // check passed on the old word, but the heartbeat holds the new owner's
+  // value, so the compare-and-swap fails.
+  std::uint64_t stale_last = initial_heartbeat(*old_word) + 1;
+  h.state = *old_word;  // what the stale load saw
+  CHECK_FALSE(beat(h, *old_word, stale_last));
+  CHECK(h.heartbeat == new_heartbeat);
+  h.state = *new_word;
+  // Releasing the lost claim leaves the new owner's slot alone.
+  old_owner.reset();
+  CHECK(h.state == *new_word);
+  CHECK(beat(h, *new_word, new_last));
 }
