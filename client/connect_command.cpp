@@ -13,6 +13,7 @@
 #include "common/error.hpp"
 #include "common/log.hpp"
 #include "common/region.hpp"
+#include "common/transport_fault_monitor.hpp"
 
 namespace cbd::proxy {
 
@@ -125,6 +126,14 @@ int run_connect(const Parameters& p) {
   log(LogLevel::Info, "serving backend %u (export \"%s\", %llu bytes) as blkdev %u", options.backend_id,
       info.name.c_str(), static_cast<unsigned long long>(info.size), blkdev->index());
 
+  // docs/design.md, "Truncated or vanished transport": once the mapping
+  // reads as zeros our slots are gone, so the blkdev fails every request
+  // with EIO; stop serving and exit 1.
+  TransportFaultMonitor fault_monitor(transport.region(), [&](const std::string& message) {
+    log(LogLevel::Error, "%s; stopped serving it: outstanding requests fail with EIO, cbd-proxy exits", message.c_str());
+    server.request_stop();
+  });
+
   active_server = &server;
   struct sigaction action {};
   action.sa_handler = on_stop_signal;
@@ -142,7 +151,7 @@ int run_connect(const Parameters& p) {
   blkdev.reset();
   std::string pidfile = p.text("pidfile", "");
   if (!pidfile.empty()) ::unlink(pidfile.c_str());
-  return 0;
+  return fault_monitor.fired() ? 1 : 0;
 }
 
 }  // namespace cbd::proxy

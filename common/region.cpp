@@ -130,12 +130,17 @@ Region Region::open(const std::string& path, const RegionOptions& options) {
 
   void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.fd, 0);
   if (base == MAP_FAILED) throw_errno("transport " + path + ": mmap " + std::to_string(size) + " bytes");
-  return Region(path, kind, static_cast<std::byte*>(base), size);
+  try {
+    return Region(path, kind, static_cast<std::byte*>(base), size);
+  } catch (...) {
+    ::munmap(base, size);
+    throw;
+  }
 }
 
 Region::Region(Region&& other) noexcept
     : path_(std::move(other.path_)), kind_(other.kind_), base_(std::exchange(other.base_, nullptr)),
-      size_(std::exchange(other.size_, 0)) {}
+      size_(std::exchange(other.size_, 0)), fault_guard_(std::move(other.fault_guard_)) {}
 
 Region& Region::operator=(Region&& other) noexcept {
   if (this != &other) {
@@ -144,6 +149,7 @@ Region& Region::operator=(Region&& other) noexcept {
     kind_ = other.kind_;
     base_ = std::exchange(other.base_, nullptr);
     size_ = std::exchange(other.size_, 0);
+    fault_guard_ = std::move(other.fault_guard_);
   }
   return *this;
 }
@@ -151,6 +157,7 @@ Region& Region::operator=(Region&& other) noexcept {
 Region::~Region() { unmap(); }
 
 void Region::unmap() {
+  fault_guard_.reset();
   if (base_) ::munmap(base_, size_);
   base_ = nullptr;
 }

@@ -5,7 +5,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
+
+#include "common/mapping_fault.hpp"
 
 namespace cbd {
 
@@ -34,16 +37,21 @@ class Region {
   std::uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
   RegionKind kind() const { return kind_; }
+  // Set once a bus error in the mapping (the file was truncated or the
+  // device went away) made the signal handler replace it with zero pages:
+  // the offset of the fault.  See common/mapping_fault.hpp.
+  std::optional<std::uint64_t> fault_offset() const { return fault_guard_.fault_offset(); }
 
  private:
   Region(std::string path, RegionKind kind, std::byte* base, std::uint64_t size)
-      : path_(std::move(path)), kind_(kind), base_(base), size_(size) {}
+      : path_(std::move(path)), kind_(kind), base_(base), size_(size), fault_guard_(base, size) {}
   void unmap();
 
   std::string path_;
   RegionKind kind_ = RegionKind::File;
   std::byte* base_ = nullptr;
   std::uint64_t size_ = 0;
+  FaultGuardedMapping fault_guard_;  // unregistered before the unmap
 };
 
 // The size and alignment of a device-DAX device according to libdaxctl, or

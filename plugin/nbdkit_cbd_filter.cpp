@@ -17,7 +17,9 @@
 #include <string>
 #include <string_view>
 
+#include "common/log.hpp"
 #include "common/parse.hpp"
+#include "common/transport_fault_monitor.hpp"
 #include "plugin/backend_parameters.hpp"
 #include "plugin/nbdkit_cbd_next_store.hpp"
 #include "plugin/nbdkit_log.hpp"
@@ -41,6 +43,18 @@ struct FilterConfig {
 FilterConfig config;
 std::unique_ptr<NextStore> store;
 BackendRuntime runtime;
+// Stops the backend service when the transport is truncated or removed
+// under us (docs/design.md, "Truncated or vanished transport"); nbdkit's own
+// clients pass through the filter without the transport and keep being served.
+std::unique_ptr<TransportFaultMonitor> fault_monitor;
+
+void watch_transport() {
+  fault_monitor = std::make_unique<TransportFaultMonitor>(runtime.transport()->region(), [](const std::string& message) {
+    log(LogLevel::Error, "%s; stopped serving it (nbdkit's own NBD export keeps serving; restart nbdkit once the "
+        "transport is back)", message.c_str());
+    runtime.stop();
+  });
+}
 
 int fail(const std::exception& e) {
   nbdkit_error("%s", e.what());
@@ -53,6 +67,7 @@ void cbd_unload() {
   // .cleanup closed the context; if it never ran, the layers below may be
   // gone already and the context is left to the process exit.
   try {
+    fault_monitor.reset();
     runtime.stop();
     store.reset();
   } catch (const std::exception& e) {
@@ -110,6 +125,7 @@ int cbd_after_fork(nbdkit_backend* backend) {
     store->open(backend, config.readonly);
     runtime.prepare(config.backend, *store);
     runtime.start();
+    watch_transport();
     return 0;
   } catch (const std::exception& e) {
     return fail(e);
@@ -118,6 +134,7 @@ int cbd_after_fork(nbdkit_backend* backend) {
 
 void cbd_cleanup(nbdkit_backend*) {
   try {
+    fault_monitor.reset();  // first: it may be stopping the runtime right now
     runtime.stop();
     if (store) store->close();
   } catch (const std::exception& e) {

@@ -18,7 +18,9 @@
 #include <optional>
 #include <string>
 
+#include "common/log.hpp"
 #include "common/parse.hpp"
+#include "common/transport_fault_monitor.hpp"
 #include "plugin/backend_parameters.hpp"
 #include "plugin/file_store.hpp"
 #include "plugin/memory_store.hpp"
@@ -42,6 +44,18 @@ struct PluginConfig {
 PluginConfig config;
 std::unique_ptr<Store> store;
 BackendRuntime runtime;
+// Stops the backend service when the transport is truncated or removed
+// under us (docs/design.md, "Truncated or vanished transport"); nbdkit's own
+// export does not use the transport and keeps serving the store.
+std::unique_ptr<TransportFaultMonitor> fault_monitor;
+
+void watch_transport() {
+  fault_monitor = std::make_unique<TransportFaultMonitor>(runtime.transport()->region(), [](const std::string& message) {
+    log(LogLevel::Error, "%s; stopped serving it (nbdkit's own NBD export keeps serving; restart nbdkit once the "
+        "transport is back)", message.c_str());
+    runtime.stop();
+  });
+}
 
 // Any handle will do: every connection serves the same store.
 int connection_handle;
@@ -54,6 +68,7 @@ int fail(const std::exception& e) {
 void cbd_load() { route_log_to_nbdkit(); }
 
 void cbd_unload() {
+  fault_monitor.reset();
   runtime.stop();
   store.reset();
 }
@@ -125,13 +140,17 @@ int cbd_get_ready() {
 int cbd_after_fork() {
   try {
     runtime.start();
+    watch_transport();
     return 0;
   } catch (const std::exception& e) {
     return fail(e);
   }
 }
 
-void cbd_cleanup() { runtime.stop(); }
+void cbd_cleanup() {
+  fault_monitor.reset();  // first: it may be stopping the runtime right now
+  runtime.stop();
+}
 
 void* cbd_open(int /*readonly*/) { return &connection_handle; }
 
