@@ -1,8 +1,11 @@
 #include <cstdio>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "client/commands.hpp"
 #include "client/slot_survey.hpp"
+#include "common/printable.hpp"
 #include "common/region.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
@@ -16,22 +19,10 @@ const std::vector<ParameterSpec> kListParameters = {
 
 namespace {
 
-std::string json_string(const std::string& text) {
-  std::string out = "\"";
-  for (unsigned char c : text) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20 || c >= 0x7f) {
-      char escaped[8];
-      std::snprintf(escaped, sizeof escaped, "\\u%04x", c);
-      out += escaped;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out + "\"";
-}
+// Key order as documented in cbd-proxy(1); the values are what the slots
+// hold, peer-written names exactly (as UTF-8; bytes that are not UTF-8
+// become U+FFFD when the document is written).
+using Json = nlohmann::ordered_json;
 
 std::string caps_text(std::uint32_t caps) {
   static const std::pair<std::uint32_t, const char*> names[] = {
@@ -47,63 +38,84 @@ std::string caps_text(std::uint32_t caps) {
 
 std::string u64(std::uint64_t v) { return std::to_string(v); }
 
-// One slot as JSON fields (without braces) and as a text line.
+// One slot as a JSON object and as a text line.  The slot is read once for
+// both, so they agree; names a peer wrote go through printable() in the
+// text line only.
 struct Described {
-  std::string json;
+  Json json;
   std::string text;
 };
 
 Described describe_slot(const Transport& t, const SurveyedSlot& s) {
   const SlotHeader& h = *s.header;
-  std::string common = "\"id\": " + u64(s.index) + ", \"state\": " + json_string(slot_state_name(state_of(s.word))) +
-                       ", \"epoch\": " + u64(epoch_of(s.word)) + ", \"alive\": " + (s.alive ? "true" : "false") +
-                       ", \"owner_host\": " + (load_relaxed(h.owner_host) == kNoSlot ? std::string("null") : u64(load_relaxed(h.owner_host))) +
-                       ", \"owner_pid\": " + u64(load_relaxed(h.owner_pid));
+  const std::uint32_t owner_host = load_relaxed(h.owner_host);
+  const std::uint64_t owner_pid = load_relaxed(h.owner_pid);
+  Json json = {{"id", s.index},
+               {"state", slot_state_name(state_of(s.word))},
+               {"epoch", epoch_of(s.word)},
+               {"alive", s.alive},
+               {"owner_host", owner_host == kNoSlot ? Json(nullptr) : Json(owner_host)},
+               {"owner_pid", owner_pid}};
   std::string text = std::string(slot_kind_name(s.kind)) + " " + u64(s.index) + ": " + slot_state_name(state_of(s.word)) +
-                     ", " + (s.alive ? "alive" : "dead") + ", epoch " + u64(epoch_of(s.word)) + ", pid " +
-                     u64(load_relaxed(h.owner_pid));
+                     ", " + (s.alive ? "alive" : "dead") + ", epoch " + u64(epoch_of(s.word)) + ", pid " + u64(owner_pid);
   switch (s.kind) {
     case SlotKind::Host: {
       std::string name = read_name(t.host(s.index).hostname);
-      common += ", \"hostname\": " + json_string(name);
-      text += ", hostname " + name;
+      json["hostname"] = name;
+      text += ", hostname " + printable(name);
       break;
     }
     case SlotKind::Backend: {
       const BackendSlot& b = t.backend(s.index);
       std::string name = read_name(b.export_name);
-      common += ", \"export\": " + json_string(name) + ", \"size\": " + u64(load_acquire(b.export_size)) +
-                ", \"block_min\": " + u64(load_relaxed(b.block_min)) + ", \"block_preferred\": " +
-                u64(load_relaxed(b.block_preferred)) + ", \"block_max\": " + u64(load_relaxed(b.block_max)) +
-                ", \"caps\": " + json_string(caps_text(load_relaxed(b.caps)));
-      text += ", export \"" + name + "\", size " + u64(load_acquire(b.export_size)) + " bytes, host " +
-              u64(load_relaxed(h.owner_host)) + ", caps " + caps_text(load_relaxed(b.caps));
+      const std::uint64_t size = load_acquire(b.export_size);
+      const std::string caps = caps_text(load_relaxed(b.caps));
+      json["export"] = name;
+      json["size"] = size;
+      json["block_min"] = load_relaxed(b.block_min);
+      json["block_preferred"] = load_relaxed(b.block_preferred);
+      json["block_max"] = load_relaxed(b.block_max);
+      json["caps"] = caps;
+      text += ", export \"" + printable(name) + "\", size " + u64(size) + " bytes, host " + u64(owner_host) + ", caps " +
+              caps;
       break;
     }
     case SlotKind::Blkdev: {
       const BlkdevSlot& d = t.blkdev(s.index);
-      common += ", \"backend\": " + u64(load_relaxed(d.backend_id)) + ", \"backend_epoch\": " +
-                u64(load_relaxed(d.backend_epoch)) + ", \"queues\": " + u64(load_relaxed(d.queue_count));
-      text += ", backend " + u64(load_relaxed(d.backend_id)) + ", " + u64(load_relaxed(d.queue_count)) + " queues";
+      const std::uint32_t backend = load_relaxed(d.backend_id);
+      const std::uint32_t queues = load_relaxed(d.queue_count);
+      json["backend"] = backend;
+      json["backend_epoch"] = load_relaxed(d.backend_epoch);
+      json["queues"] = queues;
+      text += ", backend " + u64(backend) + ", " + u64(queues) + " queues";
       break;
     }
     case SlotKind::Channel: {
       const ChannelControl& c = t.channel_control(s.index);
       bool attached = load_acquire(c.attached_generation) == load_acquire(c.generation) && load_relaxed(c.generation) != 0;
-      common += ", \"backend\": " + u64(load_relaxed(c.backend_id)) + ", \"blkdev\": " + u64(load_relaxed(c.blkdev_id)) +
-                ", \"generation\": " + u64(load_relaxed(c.generation)) + ", \"attached\": " +
-                (attached ? "true" : "false") + ", \"requests\": " + u64(load_relaxed(c.requests)) + ", \"bytes\": " +
-                u64(load_relaxed(c.bytes)) + ", \"errors\": " + u64(load_relaxed(c.errors)) + ", \"in_flight\": " +
-                u64(load_relaxed(c.in_flight)) + ", \"handler_completed\": " + u64(load_relaxed(c.handler_completed)) +
-                ", \"handler_errors\": " + u64(load_relaxed(c.handler_errors));
-      text += ", backend " + u64(load_relaxed(c.backend_id)) + ", blkdev " + u64(load_relaxed(c.blkdev_id)) +
-              (attached ? ", attached" : ", not attached") + ", requests " + u64(load_relaxed(c.requests)) + ", bytes " +
-              u64(load_relaxed(c.bytes)) + ", errors " + u64(load_relaxed(c.errors)) + ", in flight " +
-              u64(load_relaxed(c.in_flight));
+      const std::uint64_t requests = load_relaxed(c.requests), bytes = load_relaxed(c.bytes),
+                          errors = load_relaxed(c.errors), in_flight = load_relaxed(c.in_flight);
+      json["backend"] = load_relaxed(c.backend_id);
+      json["blkdev"] = load_relaxed(c.blkdev_id);
+      json["generation"] = load_relaxed(c.generation);
+      json["attached"] = attached;
+      json["requests"] = requests;
+      json["bytes"] = bytes;
+      json["errors"] = errors;
+      json["in_flight"] = in_flight;
+      json["handler_completed"] = load_relaxed(c.handler_completed);
+      json["handler_errors"] = load_relaxed(c.handler_errors);
+      text += ", backend " + u64(json["backend"].get<std::uint64_t>()) + ", blkdev " +
+              u64(json["blkdev"].get<std::uint64_t>()) + (attached ? ", attached" : ", not attached") + ", requests " +
+              u64(requests) + ", bytes " + u64(bytes) + ", errors " + u64(errors) + ", in flight " + u64(in_flight);
       break;
     }
   }
-  return {common, text};
+  return {std::move(json), std::move(text)};
+}
+
+Json area_json(const AreaGeometry& a) {
+  return {{"offset", a.offset}, {"slot_size", a.slot_size}, {"count", a.count}};
 }
 
 }  // namespace
@@ -118,35 +130,36 @@ int run_list(const Parameters& p, bool json) {
   std::snprintf(uuid, sizeof uuid, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", sb.uuid[0],
                 sb.uuid[1], sb.uuid[2], sb.uuid[3], sb.uuid[4], sb.uuid[5], sb.uuid[6], sb.uuid[7], sb.uuid[8],
                 sb.uuid[9], sb.uuid[10], sb.uuid[11], sb.uuid[12], sb.uuid[13], sb.uuid[14], sb.uuid[15]);
-  auto area = [](const AreaGeometry& a) {
-    return "{\"offset\": " + u64(a.offset) + ", \"slot_size\": " + u64(a.slot_size) + ", \"count\": " + u64(a.count) + "}";
-  };
   if (json) {
-    std::string out = "{\n  \"transport\": " + json_string(transport.path()) + ",\n  \"geometry\": {\"version\": \"" +
-                      u64(sb.version_major) + "." + u64(sb.version_minor) + "\", \"uuid\": \"" + uuid +
-                      "\", \"region_size\": " + u64(sb.region_size) + ", \"checksum\": " +
-                      (transport.mode().checksum ? "true" : "false") + ", \"flush\": " +
-                      (transport.mode().flush ? "true" : "false") + ", \"heartbeat_interval_ms\": " +
-                      u64(sb.heartbeat_interval_ms) + ", \"dead_after_ms\": " + u64(sb.dead_after_ms) +
-                      ", \"hosts\": " + area(sb.hosts) + ", \"backends\": " + area(sb.backends) + ", \"blkdevs\": " +
-                      area(sb.blkdevs) + ", \"channels\": " + area(sb.channels) + ", \"channel\": {\"sq_entries\": " +
-                      u64(sb.channel.sq_entries) + ", \"cq_entries\": " + u64(sb.channel.cq_entries) +
-                      ", \"data_size\": " + u64(sb.channel.data_size) + "}}";
+    Json document;
+    document["transport"] = transport.path();
+    document["geometry"] = {{"version", u64(sb.version_major) + "." + u64(sb.version_minor)},
+                            {"uuid", uuid},
+                            {"region_size", sb.region_size},
+                            {"checksum", transport.mode().checksum},
+                            {"flush", transport.mode().flush},
+                            {"heartbeat_interval_ms", sb.heartbeat_interval_ms},
+                            {"dead_after_ms", sb.dead_after_ms},
+                            {"hosts", area_json(sb.hosts)},
+                            {"backends", area_json(sb.backends)},
+                            {"blkdevs", area_json(sb.blkdevs)},
+                            {"channels", area_json(sb.channels)},
+                            {"channel",
+                             {{"sq_entries", sb.channel.sq_entries},
+                              {"cq_entries", sb.channel.cq_entries},
+                              {"data_size", sb.channel.data_size}}}};
     for (SlotKind kind : {SlotKind::Host, SlotKind::Backend, SlotKind::Blkdev, SlotKind::Channel}) {
-      out += ",\n  \"" + std::string(slot_kind_name(kind)) + "s\": [";
-      bool first = true;
-      for (const auto& s : slots) {
-        if (s.kind != kind) continue;
-        out += std::string(first ? "\n" : ",\n") + "    {" + describe_slot(transport, s).json + "}";
-        first = false;
-      }
-      out += first ? "]" : "\n  ]";
+      Json& list = document[std::string(slot_kind_name(kind)) + "s"] = Json::array();
+      for (const auto& s : slots)
+        if (s.kind == kind) list.push_back(describe_slot(transport, s).json);
     }
-    out += "\n}\n";
-    std::fputs(out.c_str(), stdout);
+    // Names are exact when they are UTF-8; other bytes become U+FFFD rather
+    // than an invalid document.
+    std::string out = document.dump(2, ' ', false, Json::error_handler_t::replace);
+    std::fputs((out + "\n").c_str(), stdout);
     return 0;
   }
-  std::printf("transport %s (format %u.%u, uuid %s)\n", transport.path().c_str(), sb.version_major, sb.version_minor, uuid);
+  std::printf("transport %s (format %u.%u, uuid %s)\n", printable(transport.path()).c_str(), sb.version_major, sb.version_minor, uuid);
   std::printf("  %llu bytes; %u hosts, %u backends, %u blkdevs, %u channels; channel: sq %u, cq %u, data %llu KiB%s%s\n",
               static_cast<unsigned long long>(sb.region_size), sb.hosts.count, sb.backends.count, sb.blkdevs.count,
               sb.channels.count, sb.channel.sq_entries, sb.channel.cq_entries,

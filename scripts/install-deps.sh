@@ -13,7 +13,7 @@ packages=(
     # build
     cmake g++ make pkg-config
     # libraries (design brief §2)
-    nbdkit nbdkit-plugin-dev libnbd-dev liburing-dev libdaxctl-dev libcli11-dev doctest-dev
+    nbdkit nbdkit-plugin-dev libnbd-dev liburing-dev libdaxctl-dev libcli11-dev doctest-dev nlohmann-json3-dev
     # real clients and tools used by the tests, the demo and the benchmark
     libnbd-bin python3-libnbd fio qemu-utils nbd-client jq iproute2 e2fsprogs
     # man pages
