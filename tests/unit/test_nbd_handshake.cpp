@@ -45,7 +45,7 @@ Conversation negotiate(const ExportInfo& info, const Bytes& client_sends,
   send_bytes(pair.client, cat({be32(client_flags), client_sends}));
   ::shutdown(pair.client, SHUT_WR);
   Conversation conversation;
-  conversation.result = negotiate_handshake(pair.server, pair.server, info);
+  conversation.result = negotiate_handshake(pair.server, pair.server, info, IoDeadline{});
   ::close(pair.server);
   pair.server = -1;
   const Bytes all = recv_all(pair.client);
@@ -162,7 +162,7 @@ TEST_CASE("handshake: an oversized option is skipped and refused with ERR_TOO_BI
     send_bytes(pair.client, cat({be32(3), option(nbd::kOptInfo, big), option(nbd::kOptAbort)}));
     ::shutdown(pair.client, SHUT_WR);
   });
-  const HandshakeResult result = negotiate_handshake(pair.server, pair.server, info);
+  const HandshakeResult result = negotiate_handshake(pair.server, pair.server, info, IoDeadline{});
   client.join();
   ::close(pair.server);
   pair.server = -1;
