@@ -105,7 +105,7 @@ class NbdServer {
   struct Census {
     Census();
     void opened() { open.fetch_add(1); }
-    void closed() noexcept;  // async-signal-safe apart from the atomic
+    void closed() noexcept;  // from any thread, once per opened()
     void wake() noexcept;
     std::atomic<std::size_t> open{0};
     UniqueFd wake_read;   // a byte per event; serve() drains it
