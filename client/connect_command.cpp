@@ -10,6 +10,7 @@
 #include "client/blkdev.hpp"
 #include "client/commands.hpp"
 #include "client/nbd_server.hpp"
+#include "client/threaded_sink.hpp"
 #include "common/error.hpp"
 #include "common/log.hpp"
 #include "common/region.hpp"
@@ -32,6 +33,8 @@ const std::vector<ParameterSpec> kConnectParameters = {
     {"hostname", "", "name recorded in the host slot (default: gethostname)"},
     {"timeout", "30", "seconds to hold requests while the backend is away before failing them with EIO"},
     {"attach-timeout", "10", "seconds to wait for the backend to attach each channel"},
+    {"handshake-timeout", "10", "seconds a new connection has to finish its NBD handshake before it is dropped"},
+    {"max-connections", "256", "open NBD connections at most (handshaking or serving); more are refused"},
     {"spin-us", "50", "completion polling: spin this long after activity"},
     {"max-sleep-us", "1000", "completion polling: longest back-off sleep"},
     {"daemon", "", "fork into the background once serving"},
@@ -79,9 +82,21 @@ int run_connect(const Parameters& p) {
   // may be a pipe.
   ::signal(SIGPIPE, SIG_IGN);
 
+  NbdServer::Limits limits;
+  const std::uint64_t handshake_seconds = p.number("handshake-timeout", 10);
+  if (handshake_seconds == 0 || handshake_seconds > 86400)
+    throw Error("handshake-timeout=" + std::to_string(handshake_seconds) + ": give clients 1 to 86400 seconds");
+  limits.handshake_timeout = std::chrono::milliseconds(handshake_seconds * 1000);
+  limits.max_connections = static_cast<std::size_t>(p.number("max-connections", limits.max_connections));
+  if (limits.max_connections == 0) throw Error("max-connections=0: at least one connection is needed");
+
   std::unique_ptr<Blkdev> blkdev;
-  auto attach = [&] { blkdev = std::make_unique<Blkdev>(transport, options); };
-  NbdServer server([&]() -> std::shared_ptr<RequestTarget> { return blkdev ? blkdev->next_target() : nullptr; });
+  std::unique_ptr<ThreadedSink> sink;  // declared after blkdev: its connections end first
+  auto attach = [&] {
+    blkdev = std::make_unique<Blkdev>(transport, options);
+    sink = std::make_unique<ThreadedSink>(blkdev->info(), [&] { return blkdev->next_target(); });
+  };
+  NbdServer server([&]() -> ConnectionSink* { return sink.get(); }, limits);
   if (stdio) {
     // Added once the blkdev is attached (below): the connection asks for
     // its queue as soon as it starts.
@@ -146,8 +161,9 @@ int run_connect(const Parameters& p) {
 
   server.serve();
   active_server = nullptr;
-  // Connections are drained by serve(); releasing the blkdev frees its
-  // channels and slots.
+  // serve() ended the handshakes; the sink ends the connections it serves,
+  // then releasing the blkdev frees its channels and slots.
+  sink.reset();
   blkdev.reset();
   std::string pidfile = p.text("pidfile", "");
   if (!pidfile.empty()) ::unlink(pidfile.c_str());

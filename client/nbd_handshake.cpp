@@ -35,8 +35,8 @@ struct MetaContextRequest {
 
 class Negotiation {
  public:
-  Negotiation(int in_fd, int out_fd, const ExportInfo& info)
-      : in_fd_(in_fd), out_fd_(out_fd), out_is_socket_(fd_is_socket(out_fd)), info_(info) {}
+  Negotiation(int in_fd, int out_fd, const ExportInfo& info, const IoDeadline& deadline)
+      : in_fd_(in_fd), out_fd_(out_fd), out_is_socket_(fd_is_socket(out_fd)), info_(info), deadline_(deadline) {}
 
   HandshakeResult run();
 
@@ -53,6 +53,13 @@ class Negotiation {
     result_.end_reason = std::move(reason);
     return false;
   }
+  // Ends after a failed read: says whether the client left, broke the
+  // connection or ran out of time, while doing `what`.
+  HandshakeResult& end_after_read(RecvStatus status, const char* what);
+  bool send_bytes(const void* data, std::size_t length);
+  // Reads and drops an oversized option's payload and answers TOO_BIG, or
+  // ends the connection when that would drain more than we allow.
+  bool refuse_oversized(std::uint32_t option, std::uint32_t length);
   bool export_name_matches(std::string_view name) const { return name.empty() || name == info_.name; }
   std::uint16_t current_flags() const { return transmission_flags_for(info_, result_.structured_replies); }
 
@@ -63,25 +70,45 @@ class Negotiation {
   int out_fd_;
   bool out_is_socket_;
   const ExportInfo& info_;
+  const IoDeadline deadline_;
   bool no_zeroes_ = false;
+  std::uint64_t drained_ = 0;  // oversized option bytes dropped so far
   HandshakeResult result_;
 };
+
+HandshakeResult& Negotiation::end_after_read(RecvStatus status, const char* what) {
+  switch (status) {
+    case RecvStatus::Eof: result_.end_reason = std::string("client closed ") + what; break;
+    case RecvStatus::TimedOut:
+      result_.timed_out = true;
+      result_.end_reason = std::string("handshake deadline passed ") + what;
+      break;
+    case RecvStatus::Error:
+    case RecvStatus::Ok: result_.end_reason = std::string("read error ") + what; break;
+  }
+  return result_;
+}
+
+bool Negotiation::send_bytes(const void* data, std::size_t length) {
+  iovec single{const_cast<void*>(data), length};
+  if (send_all(out_fd_, out_is_socket_, std::span<iovec>(&single, 1), deadline_)) return true;
+  if (errno == ETIMEDOUT) result_.timed_out = true;
+  return false;
+}
 
 HandshakeResult Negotiation::run() {
   std::uint8_t greeting[nbd::kGreetingSize];
   nbd::store_be64(greeting, nbd::kInitMagic);
   nbd::store_be64(greeting + 8, nbd::kOptionMagic);
   nbd::store_be16(greeting + 16, nbd::kFlagFixedNewstyle | nbd::kFlagNoZeroes);
-  if (!send_all(out_fd_, out_is_socket_, greeting, sizeof greeting)) {
+  if (!send_bytes(greeting, sizeof greeting)) {
     result_.end_reason = "could not send the greeting";
     return result_;
   }
 
   std::uint8_t client_flags_bytes[4];
-  if (recv_exact(in_fd_, client_flags_bytes, sizeof client_flags_bytes) != RecvStatus::Ok) {
-    result_.end_reason = "client left before sending its flags";
-    return result_;
-  }
+  const RecvStatus flags_status = recv_exact(in_fd_, client_flags_bytes, sizeof client_flags_bytes, deadline_);
+  if (flags_status != RecvStatus::Ok) return end_after_read(flags_status, "before sending its flags");
   const std::uint32_t client_flags = nbd::load_be32(client_flags_bytes);
   // The spec requires a server to drop a client that sets flags it does not
   // know: the client may expect behaviour we cannot give.
@@ -91,14 +118,15 @@ HandshakeResult Negotiation::run() {
   }
   no_zeroes_ = (client_flags & nbd::kClientFlagNoZeroes) != 0;
 
-  for (;;) {
-    std::uint8_t header[nbd::kOptionHeaderSize];
-    const RecvStatus status = recv_exact(in_fd_, header, sizeof header);
-    if (status != RecvStatus::Ok) {
-      result_.end_reason = status == RecvStatus::Eof ? "client closed during option haggling"
-                                                     : "read error during option haggling";
+  for (std::size_t options = 0;; ++options) {
+    if (options == kMaxHandshakeOptions) {
+      result_.end_reason = "client sent " + std::to_string(kMaxHandshakeOptions) +
+                           " options without choosing an export";
       return result_;
     }
+    std::uint8_t header[nbd::kOptionHeaderSize];
+    const RecvStatus status = recv_exact(in_fd_, header, sizeof header, deadline_);
+    if (status != RecvStatus::Ok) return end_after_read(status, "during option haggling");
     if (nbd::load_be64(header) != nbd::kOptionMagic) {
       result_.end_reason = "bad option magic";
       return result_;
@@ -113,21 +141,33 @@ HandshakeResult Negotiation::run() {
         result_.end_reason = "export name too long";
         return result_;
       }
-      if (!recv_discard(in_fd_, length) || !send_reply(option, nbd::kRepErrTooBig)) {
-        result_.end_reason = "connection lost while refusing an oversized option";
-        return result_;
-      }
+      if (!refuse_oversized(option, length)) return result_;
       continue;
     }
 
     Bytes payload(length);
-    if (length > 0 && recv_exact(in_fd_, payload.data(), length) != RecvStatus::Ok) {
-      result_.end_reason = "client left in the middle of an option";
-      return result_;
+    if (length > 0) {
+      const RecvStatus payload_status = recv_exact(in_fd_, payload.data(), length, deadline_);
+      if (payload_status != RecvStatus::Ok) return end_after_read(payload_status, "in the middle of an option");
     }
     if (!handle_option(option, payload)) return result_;
     if (result_.enter_transmission) return result_;
   }
+}
+
+bool Negotiation::refuse_oversized(std::uint32_t option, std::uint32_t length) {
+  if (length > kMaxDrainedOptionBytes - drained_)
+    return end("client sent an option of " + std::to_string(length) + " bytes, more than the " +
+               std::to_string(kMaxDrainedOptionBytes - drained_) + " we still read to refuse it");
+  drained_ += length;
+  // SET_META_CONTEXT replaces the selection even when it fails (NBD spec).
+  if (option == nbd::kOptSetMetaContext) result_.meta_context_id = 0;
+  if (!recv_discard(in_fd_, length, deadline_)) {
+    if (errno == ETIMEDOUT) result_.timed_out = true;
+    return end(result_.timed_out ? "handshake deadline passed while skipping an oversized option"
+                                 : "connection lost while skipping an oversized option");
+  }
+  return send_reply(option, nbd::kRepErrTooBig) || end("write failed while refusing an oversized option");
 }
 
 bool Negotiation::handle_option(std::uint32_t option, const Bytes& payload) {
@@ -170,7 +210,7 @@ bool Negotiation::handle_export_name(const Bytes& payload) {
   nbd::append_be64(reply, info_.size);
   nbd::append_be16(reply, current_flags());
   if (!no_zeroes_) reply.resize(reply.size() + nbd::kExportNameZeroes, 0);
-  if (!send_all(out_fd_, out_is_socket_, reply.data(), reply.size())) return end("write failed");
+  if (!send_bytes(reply.data(), reply.size())) return end("write failed");
 
   result_.transmission_flags = current_flags();
   result_.enter_transmission = true;
@@ -309,7 +349,9 @@ bool Negotiation::send_reply(std::uint32_t option, std::uint32_t type, const Byt
   nbd::store_be32(header + 12, type);
   nbd::store_be32(header + 16, static_cast<std::uint32_t>(payload.size()));
   iovec iov[2] = {{header, sizeof header}, {const_cast<std::uint8_t*>(payload.data()), payload.size()}};
-  return send_all(out_fd_, out_is_socket_, std::span<iovec>(iov));
+  if (send_all(out_fd_, out_is_socket_, std::span<iovec>(iov), deadline_)) return true;
+  if (errno == ETIMEDOUT) result_.timed_out = true;
+  return false;
 }
 
 }  // namespace
@@ -319,12 +361,17 @@ BlockSizes advertised_block_sizes(const ExportInfo& info) {
   // A minimum above 64 KiB is not something the spec's clients handle well;
   // treat such a value (or a non power of two) as "no constraint".
   sizes.minimum = is_power_of_two(info.block_min) && info.block_min <= (64u << 10) ? info.block_min : 1;
-  sizes.preferred = is_power_of_two(info.block_preferred) ? std::max(info.block_preferred, sizes.minimum)
-                                                          : std::max<std::uint32_t>(4096, sizes.minimum);
+  // A preferred size under 512 means nothing to a block device and nbdkit
+  // refuses it; clients take it as a promise, so never advertise one.
+  const std::uint32_t lowest_preferred = std::max(kMinPreferredBlockSize, sizes.minimum);
+  sizes.preferred = is_power_of_two(info.block_preferred) ? std::max(info.block_preferred, lowest_preferred)
+                                                          : std::max<std::uint32_t>(4096, lowest_preferred);
   std::uint32_t maximum = info.block_max == 0 ? nbd::kMaxPayload : std::min(info.block_max, nbd::kMaxPayload);
   maximum -= maximum % sizes.minimum;
-  // Preferred must stay a power of two; it should not exceed the maximum.
-  if (sizes.preferred > maximum) sizes.preferred = std::max(std::bit_floor(maximum), sizes.minimum);
+  // Preferred must stay a power of two; it should not exceed the maximum,
+  // unless the maximum is itself under the lowest preferred size: then the
+  // maximum is raised (requests are split into entries anyway).
+  if (sizes.preferred > maximum) sizes.preferred = std::max(std::bit_floor(std::max(maximum, 1u)), lowest_preferred);
   sizes.maximum = std::max(maximum, sizes.preferred);
   return sizes;
 }
@@ -348,8 +395,8 @@ std::uint16_t transmission_flags_for(const ExportInfo& info, bool structured_rep
   return flags;
 }
 
-HandshakeResult negotiate_handshake(int in_fd, int out_fd, const ExportInfo& info) {
-  return Negotiation(in_fd, out_fd, info).run();
+HandshakeResult negotiate_handshake(int in_fd, int out_fd, const ExportInfo& info, const IoDeadline& deadline) {
+  return Negotiation(in_fd, out_fd, info, deadline).run();
 }
 
 }  // namespace cbd::proxy

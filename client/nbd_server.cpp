@@ -17,24 +17,14 @@
 #include <cstring>
 #include <exception>
 
-#include "client/nbd_connection.hpp"
 #include "client/nbd_handshake.hpp"
+#include "client/socket_io.hpp"
 #include "common/error.hpp"
 #include "common/log.hpp"
 
 namespace cbd::proxy {
 
 namespace {
-
-const char* end_name(NbdConnection::End end) {
-  switch (end) {
-    case NbdConnection::End::Disconnect: return "client disconnected";
-    case NbdConnection::End::Eof: return "connection closed";
-    case NbdConnection::End::ProtocolError: return "protocol error";
-    case NbdConnection::End::ConnectionError: return "connection error";
-  }
-  return "?";
-}
 
 bool is_loopback(const sockaddr* address) {
   if (address->sa_family == AF_INET) {
@@ -65,30 +55,36 @@ void set_nonblocking_cloexec(int fd) {
 
 }  // namespace
 
-void serve_nbd_connection(int in_fd, int out_fd, const std::shared_ptr<RequestTarget>& target) {
-  const ExportInfo info = target->info();
-  const HandshakeResult negotiated = negotiate_handshake(in_fd, out_fd, info);
-  if (!negotiated.enter_transmission) {
-    log(LogLevel::Debug, "nbd: no transmission: %s", negotiated.end_reason.c_str());
-    return;
-  }
-  log(LogLevel::Debug, "nbd: transmission: structured replies %s, base:allocation %s, flags 0x%x",
-      negotiated.structured_replies ? "on" : "off", negotiated.meta_context_id ? "on" : "off",
-      negotiated.transmission_flags);
-  NbdConnection connection(in_fd, out_fd, info, negotiated, target);
-  const NbdConnection::End end = connection.run();
-  log(LogLevel::Debug, "nbd: connection ended: %s", end_name(end));
-}
-
-NbdServer::NbdServer(TargetFactory factory) : factory_(std::move(factory)) {
+void make_pipe(UniqueFd& read_end, UniqueFd& write_end) {
   int pipe_fds[2];
   if (::pipe2(pipe_fds, O_NONBLOCK | O_CLOEXEC) != 0) throw_errno("nbd server: pipe2");
-  wake_read_.reset(pipe_fds[0]);
-  wake_write_.reset(pipe_fds[1]);
+  read_end.reset(pipe_fds[0]);
+  write_end.reset(pipe_fds[1]);
+}
+
+NbdServer::Census::Census() { make_pipe(wake_read, wake_write); }
+
+void NbdServer::Census::closed() noexcept {
+  open.fetch_sub(1);
+  wake();
+}
+
+void NbdServer::Census::wake() noexcept {
+  const int saved = errno;  // may run in a signal handler
+  const char byte = 1;
+  [[maybe_unused]] const ssize_t ignored = ::write(wake_write.get(), &byte, 1);  // full pipe: already awake
+  errno = saved;
+}
+
+NbdServer::NbdServer(SinkFactory factory) : NbdServer(std::move(factory), Limits{}) {}
+
+NbdServer::NbdServer(SinkFactory factory, Limits limits)
+    : factory_(std::move(factory)), limits_(limits), census_(std::make_shared<Census>()) {
+  make_pipe(stop_read_, stop_write_);
 }
 
 NbdServer::~NbdServer() {
-  if (!drained_) drain_all();
+  if (!handshakes_ended_) end_handshakes();
   close_listeners();
 }
 
@@ -202,7 +198,7 @@ std::size_t NbdServer::listen_activated() {
   return static_cast<std::size_t>(count);
 }
 
-void NbdServer::add_stdio_connection() { start_connection(UniqueFd{}, STDIN_FILENO, STDOUT_FILENO); }
+void NbdServer::add_stdio_connection() { start_handshake(UniqueFd{}, STDIN_FILENO, STDOUT_FILENO); }
 
 std::uint16_t NbdServer::tcp_port() const {
   for (const UniqueFd& listener : listeners_) {
@@ -215,41 +211,88 @@ std::uint16_t NbdServer::tcp_port() const {
   return 0;
 }
 
-void NbdServer::start_connection(UniqueFd socket, int in_fd, int out_fd) {
-  std::shared_ptr<RequestTarget> target;
+void NbdServer::start_handshake(UniqueFd socket, int in_fd, int out_fd) {
+  ConnectionSink* sink = nullptr;
   try {
-    target = factory_();
+    sink = factory_();
   } catch (const std::exception& failure) {
     log(LogLevel::Error, "nbd server: cannot serve a new connection: %s", failure.what());
   }
-  if (!target) {
-    log(LogLevel::Warning, "nbd server: no queue available for a new connection; closing it");
+  if (sink == nullptr) {
+    static RateLimit limit;
+    if (limit.allow()) log(LogLevel::Warning, "nbd server: no queue available for a new connection; closing it");
     return;
   }
 
-  auto connection = std::make_unique<Connection>();
-  connection->socket = std::move(socket);
-  connection->in_fd = in_fd;
-  Connection* const raw = connection.get();
-  std::lock_guard lock(connections_mutex_);
+  census_->opened();
+  auto handshake = std::make_unique<Handshake>();
+  Handshake& self = *handshake;
+  std::lock_guard lock(handshakes_mutex_);
   try {
-    raw->thread = std::thread([this, raw, in_fd, out_fd, target = std::move(target)]() mutable {
-      try {
-        serve_nbd_connection(in_fd, out_fd, target);
-      } catch (const std::exception& failure) {
-        log(LogLevel::Error, "nbd server: connection failed: %s", failure.what());
-      }
-      target.reset();  // hand the queue back before we announce the end
-      // The client sees the close now; the fd itself is closed when reaped.
-      if (raw->socket) ::shutdown(raw->socket.get(), SHUT_RDWR);
-      raw->finished = true;
-      wake();
+    // The thread owns the socket from here; `self` outlives it (joined
+    // before the list entry goes).
+    self.thread = std::thread([this, sink, in_fd, out_fd, &self, socket = std::move(socket)]() mutable {
+      run_handshake(*sink, std::move(socket), in_fd, out_fd, self);
     });
   } catch (const std::system_error& failure) {
-    log(LogLevel::Error, "nbd server: cannot start a connection thread: %s", failure.what());
-    return;
+    log(LogLevel::Error, "nbd server: cannot start a handshake thread: %s", failure.what());
+    census_->closed();
+    return;  // the socket went with the lambda that was never run: closed
   }
-  connections_.push_back(std::move(connection));
+  handshakes_.push_back(std::move(handshake));
+}
+
+void NbdServer::run_handshake(ConnectionSink& sink, UniqueFd socket, int in_fd, int out_fd, Handshake& self) {
+  std::shared_ptr<Census> census = census_;
+  try {
+    const ExportInfo info = sink.info();
+    const IoDeadline deadline = IoDeadline::after(limits_.handshake_timeout, stop_read_.get());
+    HandshakeResult negotiated = negotiate_handshake(in_fd, out_fd, info, deadline);
+    if (negotiated.enter_transmission) {
+      log(LogLevel::Debug, "nbd: transmission: structured replies %s, base:allocation %s, flags 0x%x",
+          negotiated.structured_replies ? "on" : "off", negotiated.meta_context_id ? "on" : "off",
+          negotiated.transmission_flags);
+      AdoptedConnection connection;
+      connection.socket = std::move(socket);
+      connection.in_fd = in_fd;
+      connection.out_fd = out_fd;
+      connection.negotiated = std::move(negotiated);
+      // Exactly once, from whichever thread ends the connection.
+      connection.on_closed = [census] { census->closed(); };
+      sink.adopt(std::move(connection));
+      self.finished = true;
+      census->wake();
+      return;
+    }
+    if (negotiated.timed_out && !stop_requested_.load()) {
+      static RateLimit limit;
+      std::uint64_t suppressed = 0;
+      if (limit.allow(&suppressed))
+        log(LogLevel::Info,
+            "nbd server: dropped a connection that did not finish its handshake within handshake-timeout=%lld "
+            "(%llu more since the last message)",
+            static_cast<long long>(limits_.handshake_timeout.count() / 1000),
+            static_cast<unsigned long long>(suppressed));
+    } else {
+      log(LogLevel::Debug, "nbd: no transmission: %s", negotiated.end_reason.c_str());
+    }
+  } catch (const std::exception& failure) {
+    log(LogLevel::Error, "nbd server: connection failed during its handshake: %s", failure.what());
+  }
+  socket.reset();  // the client sees the close now, not when the thread is reaped
+  self.finished = true;
+  census->closed();
+}
+
+void NbdServer::refuse_over_limit(UniqueFd socket) {
+  socket.reset();
+  static RateLimit limit(std::chrono::seconds(10));
+  std::uint64_t suppressed = 0;
+  if (limit.allow(&suppressed))
+    log(LogLevel::Warning,
+        "nbd server: refusing connections: max-connections=%zu are open (%llu refused before this one since the "
+        "last message); raise max-connections= or close idle clients",
+        limits_.max_connections, static_cast<unsigned long long>(suppressed));
 }
 
 void NbdServer::accept_from(int listen_fd) {
@@ -265,19 +308,24 @@ void NbdServer::accept_from(int listen_fd) {
     return;
   }
   UniqueFd socket(accepted);
+  if (census_->open.load() >= limits_.max_connections) {
+    refuse_over_limit(std::move(socket));
+    return;
+  }
   const int on = 1;
   // Replies are single sendmsg calls; don't let Nagle hold back the small ones.
   ::setsockopt(accepted, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);  // fails harmlessly on unix sockets
-  start_connection(std::move(socket), accepted, accepted);
+  start_handshake(std::move(socket), accepted, accepted);
 }
 
 void NbdServer::serve() {
   while (!stop_requested_.load()) {
-    reap_finished();
+    reap_finished_handshakes();
     if (listeners_.empty() && connection_count() == 0) break;
 
     std::vector<pollfd> watched;
-    watched.push_back({wake_read_.get(), POLLIN, 0});
+    watched.push_back({census_->wake_read.get(), POLLIN, 0});
+    watched.push_back({stop_read_.get(), POLLIN, 0});
     for (const UniqueFd& listener : listeners_) watched.push_back({listener.get(), POLLIN, 0});
     if (::poll(watched.data(), watched.size(), -1) < 0) {
       if (errno == EINTR) continue;
@@ -286,46 +334,39 @@ void NbdServer::serve() {
     }
     if (watched[0].revents != 0) {
       char drained[64];
-      while (::read(wake_read_.get(), drained, sizeof drained) > 0) {
+      while (::read(census_->wake_read.get(), drained, sizeof drained) > 0) {
       }
     }
     if (stop_requested_.load()) break;
-    for (std::size_t i = 1; i < watched.size(); ++i)
+    for (std::size_t i = 2; i < watched.size(); ++i)
       if (watched[i].revents != 0) accept_from(watched[i].fd);
   }
-  drain_all();
+  end_handshakes();
 }
 
 void NbdServer::request_stop() noexcept {
   stop_requested_.store(true);
-  wake();
-}
-
-void NbdServer::wake() noexcept {
   const int saved = errno;  // may run in a signal handler
   const char byte = 1;
-  [[maybe_unused]] const ssize_t ignored = ::write(wake_write_.get(), &byte, 1);  // full pipe: already awake
+  [[maybe_unused]] const ssize_t ignored = ::write(stop_write_.get(), &byte, 1);
   errno = saved;
 }
 
-std::size_t NbdServer::connection_count() const {
-  std::lock_guard lock(connections_mutex_);
-  return connections_.size();
-}
+std::size_t NbdServer::connection_count() const { return census_->open.load(); }
 
-void NbdServer::reap_finished() {
-  std::list<std::unique_ptr<Connection>> ended;
+void NbdServer::reap_finished_handshakes() {
+  std::list<std::unique_ptr<Handshake>> ended;
   {
-    std::lock_guard lock(connections_mutex_);
-    for (auto it = connections_.begin(); it != connections_.end();) {
+    std::lock_guard lock(handshakes_mutex_);
+    for (auto it = handshakes_.begin(); it != handshakes_.end();) {
       if ((*it)->finished.load()) {
-        ended.splice(ended.end(), connections_, it++);
+        ended.splice(ended.end(), handshakes_, it++);
       } else {
         ++it;
       }
     }
   }
-  for (auto& connection : ended) connection->thread.join();
+  for (auto& handshake : ended) handshake->thread.join();
 }
 
 void NbdServer::close_listeners() {
@@ -334,22 +375,16 @@ void NbdServer::close_listeners() {
   unix_paths_.clear();
 }
 
-void NbdServer::drain_all() {
-  stop_requested_.store(true);
+void NbdServer::end_handshakes() {
+  request_stop();  // every handshake polls the stop pipe: they end now
   close_listeners();
-  std::list<std::unique_ptr<Connection>> all;
+  std::list<std::unique_ptr<Handshake>> all;
   {
-    std::lock_guard lock(connections_mutex_);
-    all.swap(connections_);
+    std::lock_guard lock(handshakes_mutex_);
+    all.swap(handshakes_);
   }
-  // Closing the read side makes each reader see EOF: it stops taking
-  // requests, waits for the ones in flight (their replies still go out) and
-  // returns.  (A pipe on stdin cannot be interrupted this way; that
-  // connection ends when its client closes.)
-  for (auto& connection : all)
-    if (!connection->finished.load()) ::shutdown(connection->in_fd, SHUT_RD);
-  for (auto& connection : all) connection->thread.join();
-  drained_ = true;
+  for (auto& handshake : all) handshake->thread.join();
+  handshakes_ended_ = true;
 }
 
 }  // namespace cbd::proxy

@@ -1,17 +1,27 @@
-// The NBD listeners of cbd-proxy and the threads serving their connections.
+// The NBD listeners of cbd-proxy: accepting, handshakes under a deadline, and
+// the connection count (docs/design.md, "Compute side").
 //
-// Usage (main.cpp):
-//   NbdServer server([&] { return queues.target_for_new_connection(); });
+// Usage (connect_command.cpp):
+//   NbdServer server([&] { return sink_for_new_connection(); }, limits);
 //   server.listen_unix("/run/cbd.sock");        // and/or listen_tcp(), listen_activated(),
 //                                               // or add_stdio_connection()
-//   signal handler / sigwait thread:  server.request_stop();
+//   signal handler:  server.request_stop();
 //   server.serve();                              // returns after request_stop() (or, with no
 //                                                // listeners, when the last connection ends)
 //
-// Each accepted connection gets one reader thread that runs the handshake
-// and then the transmission phase (NbdConnection).  On stop we stop
-// accepting, shut the read side of every connection (the reader sees EOF),
-// let in-flight requests finish and their replies go out, and join.
+// serve() accepts in the calling thread.  Each accepted connection runs only
+// its handshake, in a short-lived thread of its own, under one deadline
+// (`handshake_timeout`, whatever the client sends or does not send); then
+// the connection is handed to a ConnectionSink (client/connection_handoff.hpp)
+// and the thread ends.  The server keeps counting the connection until the
+// sink calls its `on_closed`: `max_connections` covers handshaking and
+// transmitting connections alike, and connections beyond it are closed at
+// once, with one log line per burst.
+//
+// On stop we close the listeners, end every handshake still running (they
+// poll a stop pipe besides their socket) and join their threads.  The
+// transmission phase is the sinks' to end: they are destroyed after serve()
+// returns.
 //
 // Ignore SIGPIPE in the process when serving stdout that may be a pipe: we
 // use MSG_NOSIGNAL on sockets, but write() on a pipe can only be told to
@@ -19,6 +29,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <list>
@@ -28,26 +39,31 @@
 #include <thread>
 #include <vector>
 
-#include "client/request_target.hpp"
+#include "client/connection_handoff.hpp"
 #include "common/unique_fd.hpp"
 
 namespace cbd::proxy {
 
-// Runs one whole connection on (in_fd, out_fd) in the calling thread:
-// handshake against target.info(), then transmission.  Does not close the fds.
-void serve_nbd_connection(int in_fd, int out_fd, const std::shared_ptr<RequestTarget>& target);
-
 class NbdServer {
  public:
   // Called once per new connection, from the accepting thread, before the
-  // handshake.  Returning nullptr refuses the connection (it is closed).
-  using TargetFactory = std::function<std::shared_ptr<RequestTarget>()>;
+  // handshake (which advertises the sink's info()).  Returning nullptr
+  // refuses the connection (it is closed).  The sink must outlive serve().
+  using SinkFactory = std::function<ConnectionSink*()>;
+
+  struct Limits {
+    // A connection that has not entered transmission by then is dropped.
+    std::chrono::milliseconds handshake_timeout{10000};
+    // Open connections (handshaking or adopted by a sink) at most.
+    std::size_t max_connections = 256;
+  };
 
   static constexpr const char* kDefaultAddress = "127.0.0.1";
   static constexpr std::uint16_t kDefaultPort = 10809;
 
-  explicit NbdServer(TargetFactory factory);
-  // Stops (if serve() did not), joins every connection, closes the
+  explicit NbdServer(SinkFactory factory);
+  NbdServer(SinkFactory factory, Limits limits);
+  // Stops (if serve() did not), ends and joins every handshake, closes the
   // listeners and removes the unix socket path we created.
   ~NbdServer();
   NbdServer(const NbdServer&) = delete;
@@ -70,42 +86,60 @@ class NbdServer {
   // "nbdinfo -- [cbd-proxy ...]").  serve() then returns when it ends.
   void add_stdio_connection();
 
-  // Accepts and serves until request_stop(), or, when there is no listener,
-  // until every connection has ended.  Then drains and joins all connections.
+  // Accepts until request_stop(), or, when there is no listener, until every
+  // connection has ended.  Then ends and joins the handshakes in progress.
   void serve();
   // Makes serve() return.  Async-signal-safe: may be called from a signal
   // handler or any thread, any number of times.
   void request_stop() noexcept;
 
+  // Open connections: handshaking, plus adopted ones not yet closed.
   std::size_t connection_count() const;
   // The port of the first TCP listener (useful after listen_tcp(..., 0)); 0 if none.
   std::uint16_t tcp_port() const;
 
  private:
-  struct Connection {
+  // What outlives the server: a sink may report a connection closed after
+  // the server is gone (it drains after serve() returns), so the count and
+  // the pipe that wakes serve() are shared with every on_closed callback.
+  struct Census {
+    Census();
+    void opened() { open.fetch_add(1); }
+    void closed() noexcept;  // from any thread, once per opened()
+    void wake() noexcept;
+    std::atomic<std::size_t> open{0};
+    UniqueFd wake_read;   // a byte per event; serve() drains it
+    UniqueFd wake_write;
+  };
+
+  // A connection in its handshake, served by its own thread.
+  struct Handshake {
     std::thread thread;
-    UniqueFd socket;          // owned socket; empty for stdio
-    int in_fd = -1;           // what the reader reads (socket or stdin)
     std::atomic<bool> finished{false};
   };
 
-  void start_connection(UniqueFd socket, int in_fd, int out_fd);
+  void start_handshake(UniqueFd socket, int in_fd, int out_fd);
+  void run_handshake(ConnectionSink& sink, UniqueFd socket, int in_fd, int out_fd, Handshake& self);
   void accept_from(int listen_fd);
-  void reap_finished();
+  void refuse_over_limit(UniqueFd socket);
+  void reap_finished_handshakes();
   void close_listeners();
-  void drain_all();
-  void wake() noexcept;
+  void end_handshakes();
 
-  TargetFactory factory_;
+  SinkFactory factory_;
+  const Limits limits_;
   std::vector<UniqueFd> listeners_;
   std::vector<std::string> unix_paths_;  // created by listen_unix: unlinked when we stop
-  UniqueFd wake_read_;      // self-pipe: request_stop() and ending connections write a byte
-  UniqueFd wake_write_;
+  std::shared_ptr<Census> census_;
+  // Written once by request_stop() and never drained: every handshake polls
+  // it, so one byte ends them all.
+  UniqueFd stop_read_;
+  UniqueFd stop_write_;
   std::atomic<bool> stop_requested_{false};
-  bool drained_ = false;
+  bool handshakes_ended_ = false;
 
-  mutable std::mutex connections_mutex_;
-  std::list<std::unique_ptr<Connection>> connections_;
+  std::mutex handshakes_mutex_;
+  std::list<std::unique_ptr<Handshake>> handshakes_;
 };
 
 }  // namespace cbd::proxy

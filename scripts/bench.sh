@@ -14,6 +14,15 @@
 # CPU of both cbd daemons. Everything is reported as ratios within one run, so
 # a busy machine shifts all paths alike.
 #
+# Two tables, their runs interleaved:
+#   unpinned   every process may run on every CPU.
+#   two-host   two hosts of one core each: the compute side on CPU 0, the
+#              storage side on CPU 1 (taskset), for every path alike:
+#                cbd               fio + cbd-proxy on CPU 0, nbdkit cbd on CPU 1
+#                nbdkit-unix       fio on CPU 0, nbdkit on CPU 1
+#                nbdkit-tcp-netns  fio (netns A) on CPU 0, nbdkit (netns B) on CPU 1
+#              Needs at least 2 CPUs; skipped (with a note) otherwise.
+#
 # Usage: scripts/bench.sh [--quick] [--out DIR] [--runtime SECONDS]
 #   --quick           about 1.5 minutes (one round of short runs); default about 6 minutes
 #   --out DIR         results directory (default bench-results/ in the source tree)
@@ -30,6 +39,7 @@
 #   CBD_FORMAT_ARGS   extra `cbd-proxy format` parameters (e.g. "data=8M")
 #   CBD_BENCH_JOBS    only the jobs whose names match this regex (a partial run:
 #                     missing jobs show as "-" in the ratios and targets)
+#   CBD_BENCH_TABLES  which tables to run (default "unpinned two-host")
 #
 # Needs root (network namespaces), fio with the nbd engine, nbdkit, jq, and
 # gnuplot for the chart. The namespaces, veth pair, servers and files it
@@ -85,7 +95,7 @@ die() { say "error: $*"; exit 1; }
 # Prerequisites and build
 # ---------------------------------------------------------------------------
 
-for cmd in fio nbdkit jq ip; do
+for cmd in fio nbdkit jq ip taskset; do
     command -v "$cmd" >/dev/null 2>&1 || die "'$cmd' is not installed (scripts/install-deps.sh installs it)"
 done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
@@ -266,6 +276,20 @@ JOBS=(
     "randread-4k-qd8-4jobs|randread|4k|8|4"
 )
 PATHS=(cbd nbdkit-unix nbdkit-tcp-netns)
+read -r -a TABLES <<<"${CBD_BENCH_TABLES:-unpinned two-host}"
+for table in "${TABLES[@]}"; do
+    [[ $table == unpinned || $table == two-host ]] || die "CBD_BENCH_TABLES: unknown table '$table' (unpinned, two-host)"
+done
+ALL_CPUS=0-$(($(nproc) - 1))
+if (($(nproc) < 2)); then
+    kept=()
+    for table in "${TABLES[@]}"; do [[ $table == two-host ]] || kept+=("$table"); done
+    ((${#kept[@]} < ${#TABLES[@]})) && say "only one CPU: no two-host table (it pins each side to a CPU of its own)"
+    TABLES=("${kept[@]}")
+    ((${#TABLES[@]})) || die "no table left to run"
+fi
+COMPUTE_CPU=0
+STORAGE_CPU=1
 
 path_uri() {
     case $1 in
@@ -288,18 +312,48 @@ path_prefix() {
     esac
 }
 
+# set_affinity CPUS PID...: every thread of each process; threads they start
+# later inherit it.
+set_affinity() {
+    local cpus=$1 pid
+    shift
+    for pid in "$@"; do
+        taskset -a -p -c "$cpus" "$pid" >/dev/null || die "taskset: cannot pin process $pid to CPUs $cpus"
+    done
+}
+
+# pin_servers TABLE: the servers' CPUs for the runs of TABLE.
+pin_servers() {
+    case $1 in
+        unpinned)
+            set_affinity "$ALL_CPUS" "$CBD_PROXY_PID" "$CBD_BACKEND_PID" "$UNIX_PID" "$TCP_PID" ;;
+        two-host)
+            set_affinity "$COMPUTE_CPU" "$CBD_PROXY_PID"
+            set_affinity "$STORAGE_CPU" "$CBD_BACKEND_PID" "$UNIX_PID" "$TCP_PID" ;;
+    esac
+}
+
+# fio_pinning TABLE: the command prefix that places fio for TABLE.
+fio_pinning() {
+    case $1 in
+        two-host) echo "taskset -c $COMPUTE_CPU" ;;
+        *) echo "" ;;
+    esac
+}
+
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
 
-# run_job ROUND PATH NAME RW BS DEPTH NUMJOBS: one fio run; appends a JSON line.
+# run_job TABLE ROUND PATH NAME RW BS DEPTH NUMJOBS: one fio run (the servers
+# already pinned for TABLE); appends a JSON line.
 run_job() {
-    local round=$1
-    shift
+    local table=$1 round=$2
+    shift 2
     local path=$1 name=$2 rw=$3 bs=$4 depth=$5 numjobs=$6
-    local out=$WORK/fio-$name-$path-$round.json uri load pids prefix t0 t1 c0 c1 start end
+    local out=$WORK/fio-$table-$name-$path-$round.json uri load pids prefix t0 t1 c0 c1 start end
     uri=$(path_uri "$path")
     read -r -a pids <<<"$(path_pids "$path")"
-    read -r -a prefix <<<"$(path_prefix "$path")"
+    read -r -a prefix <<<"$(path_prefix "$path") $(fio_pinning "$table")"
     local size=$((image_bytes / numjobs))
     load=$(cut -d' ' -f1 /proc/loadavg)
     c0=$(cpu_ticks "${pids[@]}")
@@ -316,11 +370,12 @@ run_job() {
     c1=$(cpu_ticks "${pids[@]}")
     local dir=read
     [[ $rw == *write* ]] && dir=write
-    jq -c --arg path "$path" --arg job "$name" --arg dir "$dir" --argjson round "$round" --argjson load "$load" \
+    jq -c --arg table "$table" --arg path "$path" --arg job "$name" --arg dir "$dir" --argjson round "$round" \
+        --argjson load "$load" \
         --argjson cpu_s "$(jq -n "($c1 - $c0) / $TICKS")" \
         --argjson wall_s "$(jq -n "($end - $start) / 1e9")" \
         '.jobs[0] as $j | $j[$dir] as $d | {
-            path: $path, job: $job, round: $round, loadavg: $load,
+            table: $table, path: $path, job: $job, round: $round, loadavg: $load,
             iops: $d.iops, bw_bytes: $d.bw_bytes,
             lat_mean_us: ($d.lat_ns.mean / 1000),
             lat_p99_us: (($d.lat_ns.percentile["99.000000"] // 0) / 1000),
@@ -338,19 +393,24 @@ for spec in "${JOBS[@]}"; do
 done
 ((${#selected[@]})) || die "CBD_BENCH_JOBS='${CBD_BENCH_JOBS:-}' matches no job"
 JOBS=("${selected[@]}")
-total_runs=$((${#JOBS[@]} * ${#PATHS[@]} * ROUNDS))
-say "running ${#JOBS[@]} jobs x ${#PATHS[@]} paths x $ROUNDS rounds, ${RUNTIME}s each (+${RAMP}s ramp)"
+total_runs=$((${#TABLES[@]} * ${#JOBS[@]} * ${#PATHS[@]} * ROUNDS))
+say "running ${#TABLES[@]} tables (${TABLES[*]}) x ${#JOBS[@]} jobs x ${#PATHS[@]} paths x $ROUNDS rounds," \
+    "${RUNTIME}s each (+${RAMP}s ramp)"
 n=0
 for ((round = 1; round <= ROUNDS; round++)); do
     for spec in "${JOBS[@]}"; do
         IFS='|' read -r name rw bs depth numjobs <<<"$spec"
-        for path in "${PATHS[@]}"; do
-            n=$((n + 1))
-            say "[$n/$total_runs] round $round: $name on $path"
-            run_job "$round" "$path" "$name" "$rw" "$bs" "$depth" "$numjobs"
+        for table in "${TABLES[@]}"; do
+            pin_servers "$table"
+            for path in "${PATHS[@]}"; do
+                n=$((n + 1))
+                say "[$n/$total_runs] round $round, $table: $name on $path"
+                run_job "$table" "$round" "$path" "$name" "$rw" "$bs" "$depth" "$numjobs"
+            done
         done
     done
 done
+pin_servers unpinned
 
 # ---------------------------------------------------------------------------
 # Idle CPU of the cbd daemons (design §3.10)
@@ -395,63 +455,81 @@ CONFIG_JSON=$(jq -n --argjson runtime "$RUNTIME" --argjson ramp "$RAMP" --arg si
 # Per job: the three paths side by side and the ratios of cbd to each.
 JSON=$OUT_DIR/bench.json
 jq -s --argjson machine "$MACHINE_JSON" --argjson config "$CONFIG_JSON" \
-    --argjson idle "$IDLE_JSON" --argjson micro "$MICRO_JSON" '
+    --argjson idle "$IDLE_JSON" --argjson micro "$MICRO_JSON" \
+    --argjson compute_cpu "$COMPUTE_CPU" --argjson storage_cpu "$STORAGE_CPU" '
   def ratio(a; b): if (a != null and b != null and b != 0) then (a / b) else null end;
   def ratios(c; o): {iops: ratio(c.iops; o.iops), bw: ratio(c.bw_bytes; o.bw_bytes),
                      lat_mean: ratio(c.lat_mean_us; o.lat_mean_us), lat_p99: ratio(c.lat_p99_us; o.lat_p99_us),
                      server_cpu_per_io: ratio(c.server_cpu_us_per_io; o.server_cpu_us_per_io)};
+  # One table: per job the three paths side by side (the best round of each)
+  # and the ratios of cbd to each.
+  def table_jobs(rows):
+    (rows | map(.job) | reduce .[] as $j ([]; if index([$j]) then . else . + [$j] end)) as $jobs
+    | [ $jobs[] as $j | (rows | map(select(.job == $j))) as $runs
+        | (["cbd", "nbdkit-unix", "nbdkit-tcp-netns"]
+           | map(. as $p | [$runs[] | select(.path == $p)] | select(length > 0)
+                 | {key: $p, value: (max_by(.iops) | del(.path, .job, .table))})
+           | from_entries) as $r
+        | {job: $j, results: $r,
+           ratio_cbd_to_nbdkit_unix: ratios($r.cbd; $r["nbdkit-unix"]),
+           ratio_cbd_to_nbdkit_tcp_netns: ratios($r.cbd; $r["nbdkit-tcp-netns"])} ];
   . as $all
-  | (group_by(.job) | map({key: .[0].job,
-        value: (. as $runs | ["cbd", "nbdkit-unix", "nbdkit-tcp-netns"]
-                | map(. as $p | [$runs[] | select(.path == $p)] | select(length > 0)
-                      | {key: $p, value: (max_by(.iops) | del(.path, .job))})
-                | from_entries)})
-     | from_entries) as $by_job
-  | [ .[] | .job ] as $order
-  | ($order | reduce .[] as $j ([]; if index([$j]) then . else . + [$j] end)) as $jobs
   | {machine: $machine, config: $config,
-     jobs: [ $jobs[] as $j | $by_job[$j] as $r |
-             {job: $j, results: $r,
-              ratio_cbd_to_nbdkit_unix: ratios($r.cbd; $r["nbdkit-unix"]),
-              ratio_cbd_to_nbdkit_tcp_netns: ratios($r.cbd; $r["nbdkit-tcp-netns"])} ],
+     jobs: table_jobs([$all[] | select(.table == "unpinned")]),
+     two_host_jobs: table_jobs([$all[] | select(.table == "two-host")]),
+     two_host_pinning: {compute_cpu: $compute_cpu, storage_cpu: $storage_cpu,
+                        compute: "fio, cbd-proxy", storage: "nbdkit (cbd, file over unix, file over TCP)"},
      idle_cpu: $idle, transport_micro: $micro, all_rounds: $all}
   | . + {targets: (
       (.jobs | map({key: .job, value: .}) | from_entries) as $J |
-      [ {target: "4K QD1 randread mean latency <= 1.15x nbdkit-unix",
-         value: $J["randread-4k-qd1"].ratio_cbd_to_nbdkit_unix.lat_mean, limit: 1.15, le: true},
-        {target: "4K QD1 randread IOPS >= 1.1x nbdkit-tcp-netns",
-         value: $J["randread-4k-qd1"].ratio_cbd_to_nbdkit_tcp_netns.iops, limit: 1.1},
+      .two_host_jobs as $T |
+      [ {target: "4K QD32 randread IOPS >= 1.2x nbdkit-tcp-netns",
+         value: $J["randread-4k-qd32"].ratio_cbd_to_nbdkit_tcp_netns.iops, limit: 1.2},
         {target: "4K QD32 randread IOPS >= 0.8x nbdkit-unix",
          value: $J["randread-4k-qd32"].ratio_cbd_to_nbdkit_unix.iops, limit: 0.8},
+        {target: "4K QD32 randwrite IOPS >= 1.2x nbdkit-tcp-netns",
+         value: $J["randwrite-4k-qd32"].ratio_cbd_to_nbdkit_tcp_netns.iops, limit: 1.2},
         {target: "4K QD32 randwrite IOPS >= 0.8x nbdkit-unix",
          value: $J["randwrite-4k-qd32"].ratio_cbd_to_nbdkit_unix.iops, limit: 0.8},
-        {target: "4K QD32 randread IOPS >= 1.0x nbdkit-tcp-netns",
-         value: $J["randread-4k-qd32"].ratio_cbd_to_nbdkit_tcp_netns.iops, limit: 1.0},
-        {target: "4K QD32 randwrite IOPS >= 1.0x nbdkit-tcp-netns",
-         value: $J["randwrite-4k-qd32"].ratio_cbd_to_nbdkit_tcp_netns.iops, limit: 1.0},
+        {target: "4K QD8 x 4 jobs randread IOPS >= 1.0x nbdkit-tcp-netns",
+         value: $J["randread-4k-qd8-4jobs"].ratio_cbd_to_nbdkit_tcp_netns.iops, limit: 1.0},
+        {target: "4K QD32 randread server CPU per IO <= 1.5x nbdkit-unix",
+         value: $J["randread-4k-qd32"].ratio_cbd_to_nbdkit_unix.server_cpu_per_io, limit: 1.5, le: true},
+        {target: "4K QD32 randwrite server CPU per IO <= 1.5x nbdkit-unix",
+         value: $J["randwrite-4k-qd32"].ratio_cbd_to_nbdkit_unix.server_cpu_per_io, limit: 1.5, le: true},
+        {target: "4K QD1 randread mean latency <= 1.1x nbdkit-unix",
+         value: $J["randread-4k-qd1"].ratio_cbd_to_nbdkit_unix.lat_mean, limit: 1.1, le: true},
         {target: "1M seq read bandwidth >= 0.9x nbdkit-unix",
          value: $J["read-1m-qd8"].ratio_cbd_to_nbdkit_unix.bw, limit: 0.9},
         {target: "1M seq write bandwidth >= 0.9x nbdkit-unix",
          value: $J["write-1m-qd8"].ratio_cbd_to_nbdkit_unix.bw, limit: 0.9},
-        {target: "channel round trip <= 2x raw shared-memory ping-pong",
-         value: $micro.round_trip.ratio_channel_to_raw, limit: 2.0, le: true},
-        {target: "data-area throughput (1 MiB extents) >= 0.5x memcpy",
-         value: ($micro.data_area | map(select(.extent_bytes == 1048576)) | .[0].ratio_channel_to_memcpy),
-         limit: 0.5} ]
-      | map(. + {met: (if .value == null then null elif .le then .value <= .limit else .value >= .limit end)})
-      | map(del(.le)))}
+        {target: "idle CPU after 1 s, nbdkit cbd < 1% of a CPU",
+         value: $idle.nbdkit_cbd_cpu_pct, limit: 1.0, lt: true},
+        {target: "idle CPU after 1 s, cbd-proxy < 1% of a CPU",
+         value: $idle.cbd_proxy_cpu_pct, limit: 1.0, lt: true} ]
+      + (if ($T | length) == 0
+         then [{target: "two-host: cbd IOPS >= 1.2x nbdkit-tcp-netns on every job (table not run)",
+                value: null, limit: 1.2}]
+         else [ $T[] | {target: "two-host: \(.job) IOPS >= 1.2x nbdkit-tcp-netns",
+                        value: .ratio_cbd_to_nbdkit_tcp_netns.iops, limit: 1.2} ] end)
+      + [ {target: "channel round trip <= 2x raw shared-memory ping-pong",
+           value: $micro.round_trip.ratio_channel_to_raw, limit: 2.0, le: true},
+          {target: "data-area throughput (1 MiB extents) >= 0.5x memcpy",
+           value: ($micro.data_area | map(select(.extent_bytes == 1048576)) | .[0].ratio_channel_to_memcpy),
+           limit: 0.5} ]
+      | map(. + {met: (if .value == null then null
+                       elif .le then .value <= .limit
+                       elif .lt then .value < .limit
+                       else .value >= .limit end)})
+      | map(del(.le, .lt)))}
 ' "$RESULTS" >"$JSON"
 
-# Readable table.
-TABLE=$OUT_DIR/bench.txt
-{
-    jq -r '"machine: \(.machine.cpu_model), \(.machine.nproc) CPUs, kernel \(.machine.kernel), \(.machine.date)",
-           "fio: \(.config.runtime_s)s per run after \(.config.ramp_s)s ramp, best of \(.config.rounds) interleaved round(s), image \(.config.image_size) in /dev/shm, \(.config.build_type) build" +
-           (if .config.proxy_args != "" then ", cbd-proxy \(.config.proxy_args)" else "" end) +
-           (if .config.plugin_args != "" then ", nbdkit cbd \(.config.plugin_args)" else "" end)' "$JSON"
+# print_table KEY: the runs and ratios of one table (.jobs or .two_host_jobs).
+print_table() {
+    local key=$1
     echo
     printf '%-22s %-17s %9s %9s %9s %9s %8s %9s %5s\n' job path IOPS "MiB/s" "mean us" "p99 us" "srv CPU%" "CPU us/IO" load
-    jq -r '.jobs[] | .job as $j | .results | to_entries[] |
+    jq -r --arg key "$key" '.[$key][] | .job as $j | .results | to_entries[] |
         [$j, .key, (.value.iops | floor), (.value.bw_bytes / 1048576 * 10 | round / 10),
          (.value.lat_mean_us * 10 | round / 10), (.value.lat_p99_us * 10 | round / 10),
          (.value.server_cpu_pct | round), (.value.server_cpu_us_per_io * 10 | round / 10), .value.loadavg] | @tsv' "$JSON" |
@@ -461,8 +539,8 @@ TABLE=$OUT_DIR/bench.txt
     echo
     echo "ratios cbd / nbdkit-unix and cbd / nbdkit-tcp-netns (IOPS and bandwidth: higher is better; latency and CPU per IO: lower is better)"
     printf '%-22s %14s %14s %14s %14s %14s\n' job "IOPS u|tcp" "BW u|tcp" "mean lat u|tcp" "p99 lat u|tcp" "CPU/IO u|tcp"
-    jq -r 'def f: if . == null then "-" else (. * 100 | round / 100 | tostring) end;
-        .jobs[] | [.job,
+    jq -r --arg key "$key" 'def f: if . == null then "-" else (. * 100 | round / 100 | tostring) end;
+        .[$key][] | [.job,
           "\(.ratio_cbd_to_nbdkit_unix.iops | f)|\(.ratio_cbd_to_nbdkit_tcp_netns.iops | f)",
           "\(.ratio_cbd_to_nbdkit_unix.bw | f)|\(.ratio_cbd_to_nbdkit_tcp_netns.bw | f)",
           "\(.ratio_cbd_to_nbdkit_unix.lat_mean | f)|\(.ratio_cbd_to_nbdkit_tcp_netns.lat_mean | f)",
@@ -471,6 +549,23 @@ TABLE=$OUT_DIR/bench.txt
         while IFS=$'\t' read -r j a b c d e; do
             printf '%-22s %14s %14s %14s %14s %14s\n' "$j" "$a" "$b" "$c" "$d" "$e"
         done
+}
+
+# Readable table.
+TABLE=$OUT_DIR/bench.txt
+{
+    jq -r '"machine: \(.machine.cpu_model), \(.machine.nproc) CPUs, kernel \(.machine.kernel), \(.machine.date)",
+           "fio: \(.config.runtime_s)s per run after \(.config.ramp_s)s ramp, best of \(.config.rounds) interleaved round(s), image \(.config.image_size) in /dev/shm, \(.config.build_type) build" +
+           (if .config.proxy_args != "" then ", cbd-proxy \(.config.proxy_args)" else "" end) +
+           (if .config.plugin_args != "" then ", nbdkit cbd \(.config.plugin_args)" else "" end)' "$JSON"
+    echo
+    echo "unpinned: every process on any of the $(jq -r .machine.nproc "$JSON") CPUs"
+    print_table jobs
+    if [[ $(jq '.two_host_jobs | length' "$JSON") != 0 ]]; then
+        echo
+        jq -r '.two_host_pinning | "two-host: compute side (\(.compute)) on CPU \(.compute_cpu), storage side (\(.storage)) on CPU \(.storage_cpu); fio of nbdkit-tcp-netns in its own namespace"' "$JSON"
+        print_table two_host_jobs
+    fi
     echo
     jq -r '.transport_micro as $m |
         "transport micro-benchmarks (two processes, pinned: \($m.pinned); they got \($m.cpu_share_of_two_cpus * 100 | round)% of the two CPUs, load \($m.loadavg_at_start)):",

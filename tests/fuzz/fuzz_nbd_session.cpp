@@ -93,7 +93,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* input, std::size_t siz
   const int client = fds[0], server = fds[1];
   std::thread peer(play_client, client, input + 1, size - 1);
 
-  const HandshakeResult negotiated = negotiate_handshake(server, server, info);
+  const HandshakeResult negotiated = negotiate_handshake(server, server, info, IoDeadline{});
   if (negotiated.enter_transmission) {
     NbdConnection connection(server, server, info, negotiated, target);
     connection.run();

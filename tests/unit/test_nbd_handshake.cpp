@@ -3,6 +3,10 @@
 // negotiates, and we compare everything it wrote.
 #include <doctest/doctest.h>
 
+#include <atomic>
+#include <chrono>
+#include <thread>
+
 #include "client/nbd_handshake.hpp"
 #include "nbd_test_support.hpp"
 
@@ -45,7 +49,7 @@ Conversation negotiate(const ExportInfo& info, const Bytes& client_sends,
   send_bytes(pair.client, cat({be32(client_flags), client_sends}));
   ::shutdown(pair.client, SHUT_WR);
   Conversation conversation;
-  conversation.result = negotiate_handshake(pair.server, pair.server, info);
+  conversation.result = negotiate_handshake(pair.server, pair.server, info, IoDeadline{});
   ::close(pair.server);
   pair.server = -1;
   const Bytes all = recv_all(pair.client);
@@ -162,7 +166,7 @@ TEST_CASE("handshake: an oversized option is skipped and refused with ERR_TOO_BI
     send_bytes(pair.client, cat({be32(3), option(nbd::kOptInfo, big), option(nbd::kOptAbort)}));
     ::shutdown(pair.client, SHUT_WR);
   });
-  const HandshakeResult result = negotiate_handshake(pair.server, pair.server, info);
+  const HandshakeResult result = negotiate_handshake(pair.server, pair.server, info, IoDeadline{});
   client.join();
   ::close(pair.server);
   pair.server = -1;
@@ -290,6 +294,172 @@ TEST_CASE("handshake: advertised block sizes are made consistent") {
   CHECK(sizes.minimum == 1);
   CHECK(sizes.preferred == 512);
   CHECK(sizes.maximum == 1000);
+}
+
+TEST_CASE("handshake: a preferred block size under 512 is never advertised") {
+  ExportInfo info = test_export(0);
+  for (const std::uint32_t preferred : {1u, 2u, 64u, 256u}) {
+    CAPTURE(preferred);
+    info.block_min = 1;
+    info.block_preferred = preferred;
+    info.block_max = 32u << 20;
+    BlockSizes sizes = advertised_block_sizes(info);
+    CHECK(sizes.preferred == kMinPreferredBlockSize);
+    CHECK(sizes.maximum == nbd::kMaxPayload);
+    // A maximum under 512 is raised rather than the preferred size lowered.
+    info.block_max = 256;
+    sizes = advertised_block_sizes(info);
+    CHECK(sizes.preferred == kMinPreferredBlockSize);
+    CHECK(sizes.maximum == kMinPreferredBlockSize);
+    CHECK(sizes.maximum % sizes.minimum == 0);
+  }
+  // And what the client reads in NBD_INFO_BLOCK_SIZE says the same.
+  info.block_preferred = 256;
+  info.block_max = 32u << 20;
+  const Conversation c = negotiate(info, option(nbd::kOptGo, info_request("", {nbd::kInfoBlockSize})));
+  CHECK(c.server_wrote == cat({export_info_reply(nbd::kOptGo, info, nbd::kTxHasFlags),
+                               reply(nbd::kOptGo, nbd::kRepInfo,
+                                     cat({be16(nbd::kInfoBlockSize), be32(1), be32(512), be32(32u << 20)})),
+                               reply(nbd::kOptGo, nbd::kRepAck)}));
+}
+
+TEST_CASE("handshake: at most 32 options, then the connection ends as with nbdkit") {
+  const ExportInfo info = test_export(0);
+  Bytes lists;
+  for (std::size_t i = 0; i + 1 < kMaxHandshakeOptions; ++i) lists = cat({lists, option(nbd::kOptList)});
+  const Bytes list_replies = [&] {
+    Bytes out;
+    for (std::size_t i = 0; i + 1 < kMaxHandshakeOptions; ++i)
+      out = cat({out, reply(nbd::kOptList, nbd::kRepServer, cat({be32(5), text("disk0"), text("cbd test disk")})),
+                 reply(nbd::kOptList, nbd::kRepAck)});
+    return out;
+  }();
+  SUBCASE("a GO as the 32nd option is served") {
+    const Conversation c = negotiate(info, cat({lists, option(nbd::kOptGo, info_request("", {}))}));
+    CHECK(c.result.enter_transmission);
+  }
+  SUBCASE("a 33rd option is not read: the connection ends") {
+    const Conversation c =
+        negotiate(info, cat({lists, option(nbd::kOptList), option(nbd::kOptGo, info_request("", {}))}));
+    CHECK_FALSE(c.result.enter_transmission);
+    CHECK(c.result.end_reason.find("32 options") != std::string::npos);
+    const Bytes last_list = cat({reply(nbd::kOptList, nbd::kRepServer, cat({be32(5), text("disk0"), text("cbd test disk")})),
+                                 reply(nbd::kOptList, nbd::kRepAck)});
+    CHECK(c.server_wrote == cat({list_replies, last_list}));
+  }
+}
+
+// Sends `bytes` from a thread, ignoring a server that hangs up part way.
+struct BackgroundSender {
+  std::thread thread;
+  BackgroundSender(int fd, Bytes bytes)
+      : thread([fd, bytes = std::move(bytes)] {
+          send_all(fd, true, bytes.data(), bytes.size());
+          ::shutdown(fd, SHUT_WR);
+        }) {}
+  ~BackgroundSender() { thread.join(); }
+};
+
+TEST_CASE("handshake: oversized option payloads are drained only up to a bound") {
+  const ExportInfo info = test_export(0);
+  const std::uint32_t big = 600u << 10;  // over kMaxOptionLength; two of them exceed kMaxDrainedOptionBytes
+  static_assert(600u << 10 > nbd::kMaxOptionLength && 2 * (600u << 10) > kMaxDrainedOptionBytes);
+  SocketPair pair;
+  Bytes conversation = cat({be32(3), option(nbd::kOptInfo, Bytes(big, 0)), option(0x4242, Bytes(big, 0)),
+                            option(nbd::kOptAbort)});
+  HandshakeResult result;
+  {
+    BackgroundSender client(pair.client, std::move(conversation));
+    result = negotiate_handshake(pair.server, pair.server, info, IoDeadline::after(std::chrono::seconds(20)));
+    ::shutdown(pair.server, SHUT_RDWR);  // the sender may still be writing what we refuse to read
+  }
+  ::close(pair.server);
+  pair.server = -1;
+  const Bytes all = recv_all(pair.client);
+  REQUIRE(all.size() >= kGreeting.size());
+  // The first is refused with TOO_BIG; the second is not read at all.
+  CHECK(Bytes(all.begin() + kGreeting.size(), all.end()) == reply(nbd::kOptInfo, nbd::kRepErrTooBig));
+  CHECK_FALSE(result.enter_transmission);
+  CHECK(result.end_reason.find("bytes") != std::string::npos);
+}
+
+TEST_CASE("handshake: an oversized SET_META_CONTEXT answered TOO_BIG clears the selected context") {
+  const ExportInfo info = test_export(kCapExtents);
+  SocketPair pair;
+  const Bytes conversation =
+      cat({be32(3), option(nbd::kOptStructuredReply),
+           option(nbd::kOptSetMetaContext, meta_request("", {"base:allocation"})),
+           option(nbd::kOptSetMetaContext, cat({meta_request("", {"base:allocation"}), Bytes(nbd::kMaxOptionLength, 0)})),
+           option(nbd::kOptGo, info_request("", {}))});
+  HandshakeResult result;
+  {
+    BackgroundSender client(pair.client, conversation);
+    result = negotiate_handshake(pair.server, pair.server, info, IoDeadline::after(std::chrono::seconds(20)));
+  }
+  ::close(pair.server);
+  pair.server = -1;
+  const Bytes all = recv_all(pair.client);
+  const Bytes expected_start =
+      cat({reply(nbd::kOptStructuredReply, nbd::kRepAck),
+           reply(nbd::kOptSetMetaContext, nbd::kRepMetaContext, cat({be32(kBaseAllocationContextId), text("base:allocation")})),
+           reply(nbd::kOptSetMetaContext, nbd::kRepAck), reply(nbd::kOptSetMetaContext, nbd::kRepErrTooBig)});
+  REQUIRE(all.size() >= kGreeting.size() + expected_start.size());
+  CHECK(Bytes(all.begin() + kGreeting.size(), all.begin() + kGreeting.size() + expected_start.size()) == expected_start);
+  CHECK(result.enter_transmission);
+  CHECK(result.meta_context_id == 0);
+}
+
+TEST_CASE("handshake: everything happens under the deadline, a slow-dripping client included") {
+  const ExportInfo info = test_export(0);
+  const auto deadline_after = std::chrono::milliseconds(300);
+  SUBCASE("a client that never sends a byte") {
+    SocketPair pair;
+    const auto start = std::chrono::steady_clock::now();
+    const HandshakeResult result = negotiate_handshake(pair.server, pair.server, info, IoDeadline::after(deadline_after));
+    const auto took = std::chrono::steady_clock::now() - start;
+    CHECK(result.timed_out);
+    CHECK_FALSE(result.enter_transmission);
+    CHECK(took >= deadline_after);
+    CHECK(took < std::chrono::seconds(3));
+  }
+  SUBCASE("a client that sends one byte every 20 ms, each read well inside any per-read timeout") {
+    SocketPair pair;
+    std::atomic<bool> stop{false};
+    std::thread client([&] {
+      Bytes conversation = cat({be32(3), option(nbd::kOptList), option(nbd::kOptList), option(nbd::kOptAbort)});
+      // Never finishes within the deadline: 60 bytes at 20 ms is 1.2 s.
+      for (std::size_t i = 0; i < conversation.size() && !stop.load(); ++i) {
+        if (!send_all(pair.client, true, &conversation[i], 1)) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    });
+    const auto start = std::chrono::steady_clock::now();
+    const HandshakeResult result = negotiate_handshake(pair.server, pair.server, info, IoDeadline::after(deadline_after));
+    const auto took = std::chrono::steady_clock::now() - start;
+    stop = true;
+    client.join();
+    CHECK(result.timed_out);
+    CHECK_FALSE(result.enter_transmission);
+    CHECK(took < std::chrono::milliseconds(900));
+  }
+  SUBCASE("the cancel descriptor ends the handshake at once") {
+    SocketPair pair;
+    int stop_pipe[2];
+    REQUIRE(::pipe(stop_pipe) == 0);
+    std::thread stopper([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      [[maybe_unused]] const ssize_t written = ::write(stop_pipe[1], "x", 1);
+    });
+    const auto start = std::chrono::steady_clock::now();
+    const HandshakeResult result =
+        negotiate_handshake(pair.server, pair.server, info, IoDeadline::after(std::chrono::seconds(30), stop_pipe[0]));
+    const auto took = std::chrono::steady_clock::now() - start;
+    stopper.join();
+    ::close(stop_pipe[0]);
+    ::close(stop_pipe[1]);
+    CHECK(result.timed_out);
+    CHECK(took < std::chrono::seconds(5));
+  }
 }
 
 }  // namespace

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A client that stops reading its replies slows only itself (design §3.14):
+# with one queue (queues=1), one client sends 512 READs of 1 MiB and never
+# reads a reply; another client on the same queue gets each of its 4 KiB
+# READs answered in under 100 ms.  A proxy whose replies are all written by
+# one blocking thread answers the second client never.
+source "$(dirname "$0")/functions.sh"
+require_built
+require python3
+
+CLIENT=$CBD_SOURCE_DIR/tests/tools/nbd_raw_client.py
+PROBES=50
+LATENCY_LIMIT_MS=100
+
+backing=$TEST_DIR/backing.img
+truncate -s 64M "$backing"
+format_transport size=64M
+start_backend file="$backing"
+start_proxy queues=1
+
+python3 "$CLIENT" unread-reads "$PROXY_SOCKET" 512 1048576 60 >"$TEST_DIR/unread.json" &
+unread_pid=$!
+# Let its requests reach the queue and its replies back up.
+_wait_until 10 "the non-reading client to send its requests" test -s "$TEST_DIR/unread.json"
+sleep 1
+log "non-reading client: $(cat "$TEST_DIR/unread.json")"
+kill -0 "$unread_pid" 2>/dev/null || fail "the non-reading client ended early"
+
+run_client python3 "$CLIENT" probe "$PROXY_SOCKET" "$PROBES" 4096 >"$TEST_DIR/probe.json" ||
+    fail "the probing client failed"
+jq -c '{done, error, max_ms}' "$TEST_DIR/probe.json" >&2
+kill "$unread_pid" 2>/dev/null || true
+wait "$unread_pid" 2>/dev/null || true
+
+jq -e '.error == null' "$TEST_DIR/probe.json" >/dev/null ||
+    fail "the other client's READs were not answered: $(jq -r .error "$TEST_DIR/probe.json")"
+jq -e --argjson n "$PROBES" '.done == $n' "$TEST_DIR/probe.json" >/dev/null || fail "not every probe READ finished"
+jq -e --argjson limit "$LATENCY_LIMIT_MS" '.max_ms < $limit' "$TEST_DIR/probe.json" >/dev/null ||
+    fail "a 4 KiB READ took $(jq .max_ms "$TEST_DIR/probe.json") ms (limit $LATENCY_LIMIT_MS ms) next to a non-reading client"
+
+stop_all
+log "PASS"
