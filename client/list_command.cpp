@@ -84,7 +84,12 @@ Described describe_slot(const Transport& t, const SurveyedSlot& s) {
       const BlkdevSlot& d = t.blkdev(s.index);
       common += ", \"backend\": " + u64(load_relaxed(d.backend_id)) + ", \"backend_epoch\": " +
                 u64(load_relaxed(d.backend_epoch)) + ", \"queues\": " + u64(load_relaxed(d.queue_count));
+      // The kernel nbd device it serves (device=): 1 + N of /dev/nbdN, 0 = none.
+      const std::uint32_t kernel_device = load_acquire(d.kernel_device);
+      const std::string nbd = kernel_device ? "/dev/nbd" + u64(kernel_device - 1) : "";
+      common += ", \"device\": " + (nbd.empty() ? std::string("null") : json_string(nbd));
       text += ", backend " + u64(load_relaxed(d.backend_id)) + ", " + u64(load_relaxed(d.queue_count)) + " queues";
+      if (!nbd.empty()) text += ", device " + nbd;
       break;
     }
     case SlotKind::Channel: {
