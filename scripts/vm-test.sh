@@ -655,7 +655,7 @@ fi
 
 # start_host_nbdkit [PARAMETER...]: nbdkit cbd on this host serving the image.
 start_host_nbdkit() {
-    rm -f "$WORK/nbdkit.pid"
+    rm -f "$WORK/nbdkit.pid" "$WORK/nbdkit.sock"  # a killed nbdkit leaves its socket behind
     say "\$ nbdkit -f -U $WORK/nbdkit.sock -P $WORK/nbdkit.pid nbdkit-cbd-plugin.so transport=$TRANSPORT file=$IMAGE $*"
     nbdkit -f -U "$WORK/nbdkit.sock" -P "$WORK/nbdkit.pid" "$PLUGIN" \
         transport="$TRANSPORT" file="$IMAGE" "$@" >>"$WORK/nbdkit.log" 2>&1 &
