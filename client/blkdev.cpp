@@ -85,6 +85,7 @@ Blkdev::Blkdev(const Transport& transport, const BlkdevOptions& options)
   BlkdevSlot& blkdev = transport.blkdev(blkdev_.index());
   store_relaxed(blkdev.backend_id, options.backend_id);
   store_relaxed(blkdev.backend_epoch, epoch);
+  store_relaxed(blkdev.kernel_device, 0u);  // a former owner killed while serving /dev/nbdN left it set
 
   // Heartbeats start before binding: the backend judges our channels by them.
   heartbeat_ = std::make_unique<PeriodicThread>(

@@ -13,10 +13,12 @@ extern const std::vector<ParameterSpec> kFormatParameters;
 extern const std::vector<ParameterSpec> kListParameters;
 extern const std::vector<ParameterSpec> kGcParameters;
 extern const std::vector<ParameterSpec> kConnectParameters;
+extern const std::vector<ParameterSpec> kDisconnectParameters;
 
 int run_format(const Parameters& parameters);
 int run_list(const Parameters& parameters, bool json);
 int run_gc(const Parameters& parameters);
 int run_connect(const Parameters& parameters);
+int run_disconnect(const Parameters& parameters);
 
 }  // namespace cbd::proxy

@@ -9,6 +9,8 @@
 
 #include "client/blkdev.hpp"
 #include "client/commands.hpp"
+#include "client/kernel_device.hpp"
+#include "client/nbd_netlink.hpp"
 #include "client/nbd_server.hpp"
 #include "client/threaded_sink.hpp"
 #include "common/error.hpp"
@@ -27,6 +29,7 @@ const std::vector<ParameterSpec> kConnectParameters = {
     {"allow-remote", "", "allow a non-loopback bind address (NBD has no authentication)"},
     {"stdio", "", "serve one NBD connection on stdin/stdout, then exit"},
     {"socket-activation", "", "serve the sockets passed by LISTEN_FDS/LISTEN_PID"},
+    {"device", "", "attach this kernel nbd device (/dev/nbdN) through netlink instead of serving NBD"},
     {"queues", "2", "channels to claim; connections share them round-robin"},
     {"export", "", "export name to advertise (default: the backend's)"},
     {"readonly", "", "refuse writes whatever the backend allows"},
@@ -81,6 +84,11 @@ int run_connect(const Parameters& p) {
   // Clients of a socket that vanished must not kill us with SIGPIPE; stdout
   // may be a pipe.
   ::signal(SIGPIPE, SIG_IGN);
+  if (p.has("device")) {
+    if (stdio || activated || p.has("unix") || p.has("port"))
+      throw Error("device= serves the kernel nbd device only: drop stdio, socket-activation, unix= and port=");
+    return serve_kernel_device(transport, options, {parse_nbd_device(p.text("device", "")), daemon, p.text("pidfile", "")});
+  }
 
   NbdServer::Limits limits;
   const std::uint64_t handshake_seconds = p.number("handshake-timeout", 10);

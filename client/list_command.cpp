@@ -87,7 +87,12 @@ Described describe_slot(const Transport& t, const SurveyedSlot& s) {
       json["backend"] = backend;
       json["backend_epoch"] = load_relaxed(d.backend_epoch);
       json["queues"] = queues;
+      // The kernel nbd device it serves (device=): 1 + N of /dev/nbdN, 0 = none.
+      const std::uint32_t kernel_device = load_acquire(d.kernel_device);
+      const std::string nbd = kernel_device ? "/dev/nbd" + u64(kernel_device - 1) : "";
+      if (nbd.empty()) json["device"] = nullptr; else json["device"] = nbd;
       text += ", backend " + u64(backend) + ", " + u64(queues) + " queues";
+      if (!nbd.empty()) text += ", device " + nbd;
       break;
     }
     case SlotKind::Channel: {

@@ -49,6 +49,12 @@ ThreadedSink::~ThreadedSink() {
   for (auto& served : all) served->thread.join();
 }
 
+void ThreadedSink::shutdown_all() {
+  std::lock_guard lock(mutex_);
+  for (auto& served : served_)
+    if (!served->finished && served->connection.socket) ::shutdown(served->connection.socket.get(), SHUT_RDWR);
+}
+
 void ThreadedSink::adopt(AdoptedConnection connection) {
   reap_finished();
   std::shared_ptr<RequestTarget> target;

@@ -38,6 +38,10 @@ class ThreadedSink final : public ConnectionSink {
 
   ExportInfo info() const override { return info_; }
   void adopt(AdoptedConnection connection) override;
+  // Ends every connection now, whatever its peer does: its socket is shut
+  // down both ways, so reads see EOF and pending sends fail; requests in
+  // flight still finish before the connection's thread returns.
+  void shutdown_all();
 
  private:
   struct Served {

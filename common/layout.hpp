@@ -155,9 +155,11 @@ struct BlkdevSlot {
   std::uint32_t backend_id;     // writer: owner; backend slot this blkdev is bound to
   std::uint32_t queue_count;    // writer: owner; number of channels it claimed
   std::uint64_t backend_epoch;  // writer: owner; epoch of the backend slot it last bound to
-  std::uint8_t reserved[176];
+  std::uint32_t kernel_device;  // writer: owner; 1 + N while it serves the kernel's /dev/nbdN, 0 = none
+  std::uint8_t reserved[172];
 };
 static_assert(sizeof(BlkdevSlot) == 256);
+static_assert(offsetof(BlkdevSlot, kernel_device) == 80);
 
 // ---------------------------------------------------------------------------
 // Channels

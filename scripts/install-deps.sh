@@ -5,7 +5,8 @@
 #
 # Besides the build, test and demo dependencies it installs what
 # scripts/vm-test.sh boots its compute-node guest from: QEMU and Debian's own
-# kernel package (its nbd and ext4 modules), busybox, cpio and kmod.  Those
+# kernel package (its nbd, ext4 and NVDIMM/device-DAX modules), busybox,
+# cpio, kmod and ndctl (--devdax creates the devdax namespace with it).  Those
 # come without their recommendations (no firmware, no bootloader).
 set -euo pipefail
 
@@ -13,7 +14,7 @@ packages=(
     # build
     cmake g++ make pkg-config
     # libraries (design brief §2)
-    nbdkit nbdkit-plugin-dev libnbd-dev liburing-dev libdaxctl-dev libcli11-dev doctest-dev nlohmann-json3-dev
+    nbdkit nbdkit-plugin-dev libnbd-dev liburing-dev libdaxctl-dev libcli11-dev doctest-dev nlohmann-json3-dev libnl-genl-3-dev
     # real clients and tools used by the tests, the demo and the benchmark
     libnbd-bin python3-libnbd fio qemu-utils nbd-client jq iproute2 e2fsprogs
     # man pages
@@ -22,8 +23,10 @@ packages=(
     clang libclang-rt-14-dev
     # benchmark chart
     gnuplot-nox
+    # the Debian package (scripts/package.sh) and its check
+    dpkg-dev lintian
 )
-vm_packages=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio)
+vm_packages=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio ndctl)
 
 # missing_from PACKAGE...: the ones dpkg does not have installed.
 missing_from() {

@@ -2,9 +2,10 @@
 # The test command: installs what is missing, builds cbd and runs every test.
 #
 #   1. plain build (warnings are errors): unit, end-to-end (including the
-#      kernel nbd driver in a QEMU guest and the man pages);
+#      kernel nbd driver in QEMU guests, device-DAX across two guest
+#      kernels, the Debian package and the man pages);
 #   2. AddressSanitizer + UndefinedBehaviorSanitizer build: unit and
-#      end-to-end tests again (the QEMU guest test is left to the plain run);
+#      end-to-end tests again (the QEMU guest tests are left to the plain run);
 #   3. clang build of the libFuzzer targets, each run for a bounded time.
 #
 # Build directories: build/, build-asan/, build-fuzz/ (reused when present).
@@ -40,7 +41,7 @@ suite() {
 }
 
 suite "plain" build "" -- -DCMAKE_BUILD_TYPE=RelWithDebInfo
-suite "sanitizers" build-asan "-E vm-kernel" -- -DCMAKE_BUILD_TYPE=Debug -DCBD_SANITIZE=ON
+suite "sanitizers" build-asan "-E e2e/test-vm-" -- -DCMAKE_BUILD_TYPE=Debug -DCBD_SANITIZE=ON
 CC=clang CXX=clang++ suite "fuzz" build-fuzz "-L fuzz" -- -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCBD_SANITIZE=ON \
     -DCBD_FUZZ_SECONDS="${CBD_FUZZ_SECONDS:-60}"
 

@@ -121,7 +121,7 @@ proxy_page=$MAN_BUILD_DIR/cbd-proxy.1
 proxy_pod=$MAN_SOURCE_DIR/cbd-proxy.pod
 if [[ -f $proxy_page && -f $proxy_pod ]]; then
     render "$proxy_page" >"$TEST_DIR/cbd-proxy.wide.txt"
-    for sub in format list gc connect; do
+    for sub in format list gc connect disconnect; do
         "$CBD_PROXY" "$sub" --help >"$TEST_DIR/proxy-$sub.help" 2>&1 ||
             fail "cbd-proxy $sub --help failed"
         sed -n '/^Parameters/,$p' "$TEST_DIR/proxy-$sub.help" | sed 1d | help_keys >"$TEST_DIR/proxy-$sub.keys"
