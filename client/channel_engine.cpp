@@ -173,6 +173,15 @@ bool ChannelEngine::accept(const CompletionEntry& completion, std::uint32_t& slo
     return false;
   }
   Entry& entry = entries_[slot];
+  if (completion.status == ESHUTDOWN) {
+    // A backend stopping cleanly fails what it has not executed with
+    // ESHUTDOWN: like a crash, the entry waits for the next instance (the
+    // re-drive at the next set-up), or for fail_outstanding() at the timeout.
+    entry.state = State::Waiting;
+    entry.quarantine_extent = true;
+    --in_flight_;
+    return false;
+  }
   entry.state = State::Completed;
   entry.status = sane_status(completion.status);
   entry.result_length = completion.result_length;
