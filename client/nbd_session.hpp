@@ -5,8 +5,8 @@
 // output queue of replies written in batches with one sendmsg/writev.
 //
 // Decisions a reader of the code should know:
-//  - Requests are validated as nbdkit does (docs in /work/shared is not
-//    cited: see the comments at validate()); invalid ones are answered here.
+//  - Requests are validated in nbdkit's order and with its errors (see
+//    validate()); invalid ones are answered here.
 //    Zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE succeed at once; a
 //    zero-length BLOCK_STATUS is EINVAL.
 //  - READ/WRITE above nbd::kMaxPayload get EINVAL (a WRITE's payload is read
