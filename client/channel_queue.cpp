@@ -103,6 +103,9 @@ bool ChannelQueue::set_up(std::optional<std::uint64_t> backend_epoch, std::chron
     std::lock_guard lock(mutex_);
     if (backend_epoch) binding_.backend_epoch = *backend_epoch;
     attached_ = false;
+    // Fencing (docs/design.md, Fencing): never write a control block that
+    // is no longer ours.
+    if (!claim_.owned()) return false;
     submissions_.reset();
     completions_.reset();
     generation = channel_.queue_setup(binding_.backend_id, binding_.blkdev_id, binding_.backend_epoch);
@@ -127,10 +130,12 @@ bool ChannelQueue::set_up(std::optional<std::uint64_t> backend_epoch, std::chron
   for (std::uint32_t slot = 0; slot < entries_.size(); ++slot) {
     Entry& entry = entries_[slot];
     if (entry.request && entry.pushed && !entry.completed) {
+      entry.submission.generation = static_cast<std::uint32_t>(generation);
       submissions_.stage(entry.submission);
       ++redriven;
     }
   }
+  if (!claim_.owned()) return false;
   submissions_.publish();
   // queue_setup() zeroed the shared in_flight counter; the re-driven entries
   // are still in flight (cbd-proxy list reports it).
@@ -179,11 +184,17 @@ int ChannelQueue::reserve(std::unique_lock<std::mutex>& lock, std::uint32_t data
 void ChannelQueue::push(std::unique_lock<std::mutex>&, std::uint32_t slot) {
   Entry& entry = entries_[slot];
   entry.submission.tag = tag_of(slot);
+  ++in_flight_;
+  entry.pushed = true;
+  // While a set-up is in progress the entry is only recorded: the set-up
+  // pushes every recorded entry once when the handler attaches (pushing it
+  // now as well would execute it twice).  Fencing: nothing is written to a
+  // ring that is no longer ours.
+  if (!attached_ || !claim_.owned()) return;
+  entry.submission.generation = static_cast<std::uint32_t>(generation_);
   // A free entry slot guarantees ring space: entries in the ring are a subset
   // of the entries in flight, and the table is no larger than either ring.
   submissions_.push(entry.submission);
-  ++in_flight_;
-  entry.pushed = true;
   ChannelControl& control = channel_.control();
   add_relaxed(control.requests, std::uint64_t{1});
   add_relaxed(control.bytes, std::uint64_t{entry.submission.length});
@@ -273,6 +284,13 @@ bool ChannelQueue::submit(const IoRequest& io, int payload_fd, Replier& replier)
       }
       payload_consumed += piece.length;
       se.data_crc = crc;
+      if (failing_ || stopping_) {
+        // fail_outstanding() ran while the payload arrived: its pass could
+        // not see this entry, so fail it here rather than push it.
+        retire(slot);
+        request.error = failing_ ? failing_ : ESHUTDOWN;
+        break;
+      }
     }
     request.entries.push_back(slot);
     push(lock, slot);
@@ -435,7 +453,8 @@ void ChannelQueue::complete(std::unique_lock<std::mutex>& lock, const Completion
   std::uint64_t slot = completion.tag & ((1u << kTagSlotBits) - 1);
   std::uint64_t serial = completion.tag >> kTagSlotBits;
   if (slot >= entries_.size() || !entries_[slot].request || entries_[slot].serial != serial ||
-      entries_[slot].completed) {
+      !entries_[slot].pushed || entries_[slot].completed ||
+      (completion.generation != 0 && completion.generation != static_cast<std::uint32_t>(generation_))) {
     std::uint64_t dropped = 0;
     if (bad_completion_log.allow(&dropped))
       log(LogLevel::Warning, "channel %u: ignoring a completion with unknown tag %#llx (%llu more suppressed)", index(),
@@ -443,6 +462,10 @@ void ChannelQueue::complete(std::unique_lock<std::mutex>& lock, const Completion
     return;
   }
   Entry& entry = entries_[slot];
+  // A backend stopping cleanly fails what it did not execute with
+  // ESHUTDOWN: hold the entry as after a crash; the next set-up (a new
+  // backend instance) re-drives it, or the timeout fails it with EIO.
+  if (completion.status == ESHUTDOWN && !stopping_) return;
   entry.completed = true;
   entry.status = sane_status(completion.status);
   entry.result_length = completion.result_length;
@@ -508,7 +531,7 @@ void ChannelQueue::completion_loop() {
     CompletionEntry completion;
     PopStatus status = completions_.pop(completion);
     if (status == PopStatus::Ok) {
-      completions_.release();
+      if (claim_.owned()) completions_.release();
       complete(lock, completion);
       poller.active();
       last_progress = Clock::now();
@@ -516,7 +539,7 @@ void ChannelQueue::completion_loop() {
       continue;
     }
     if (status == PopStatus::Corrupt) {
-      completions_.release();
+      if (claim_.owned()) completions_.release();
       if (broken_log.allow())
         log(LogLevel::Warning, "channel %u: completion entry failed its checks; failing its request with EIO", index());
       completion.status = EIO;

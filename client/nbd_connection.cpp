@@ -186,6 +186,10 @@ int NbdConnection::validate(const IoRequest& request) const {
   if ((flags & nbd::kCmdFlagFua) && !(tx & nbd::kTxSendFua)) return EINVAL;
 
   if ((type == nbd::kCmdRead || type == nbd::kCmdWrite) && request.length > nbd::kMaxPayload) return EINVAL;
+  // One chunk may not exceed the advertised maximum block size: the spec
+  // allows EOVERFLOW for an unfragmented READ that would need a larger one.
+  if (type == nbd::kCmdRead && (flags & nbd::kCmdFlagDf) && request.length > advertised_block_sizes(info_).maximum)
+    return EOVERFLOW;
   if (type == nbd::kCmdFlush && !(tx & nbd::kTxSendFlush)) return EINVAL;
   if (type == nbd::kCmdTrim && !(tx & nbd::kTxSendTrim)) return EINVAL;
   if (type == nbd::kCmdWriteZeroes && !(tx & nbd::kTxSendWriteZeroes)) return EINVAL;
@@ -346,7 +350,21 @@ void NbdConnection::reply_final(std::unique_lock<std::mutex>& lock, InFlight& st
         return;
       }
       if ((own.flags & nbd::kCmdFlagDf) && state.delivered > 0 && state.delivered < own.length) {
-        mark_dead("unfragmented READ cut short", LogLevel::Warning);
+        // The chunk's header announced the whole length: pad it (this
+        // thread still holds the stream), then report the failure in an
+        // error chunk, as the spec asks.
+        static const std::uint8_t zeros[64u << 10] = {};
+        std::uint32_t left = own.length - state.delivered;
+        while (left > 0 && !dead_) {
+          const std::size_t step = std::min<std::size_t>(left, sizeof zeros);
+          iovec pad{const_cast<std::uint8_t*>(zeros), step};  // send() consumes it in place
+          if (!send(std::span<iovec>(&pad, 1))) return;
+          left -= static_cast<std::uint32_t>(step);
+        }
+        state.delivered = own.length;
+        stream_open_ = false;
+        changed_.notify_all();
+        send_error_chunk(own.cookie, error != 0 ? error : EIO, own.flags);
         return;
       }
       if (!wait_for_socket(lock, std::nullopt)) return;

@@ -36,6 +36,7 @@ class MemoryTarget : public RequestTarget {
   std::uint32_t read_piece_size = 0;  // READ data in pieces of this size (0: one piece)
   int fail_with = 0;                  // finish every request with this errno
   bool fail_after_data = false;       // READ: send all data, then finish(fail_with)
+  std::uint32_t fail_after_bytes = 0; // with fail_after_data: send only this much READ data first
   std::vector<ExtentDescriptor> extents{{4096, 0}, {4096, kExtentHole | kExtentZero}};
   std::chrono::milliseconds delay{0}; // > 0: complete from another thread after this
 
@@ -81,7 +82,9 @@ class MemoryTarget : public RequestTarget {
     switch (request.type) {
       case nbd::kCmdRead: {
         const std::uint32_t piece = read_piece_size ? read_piece_size : request.length;
-        for (std::uint32_t at = 0; at < request.length; at += piece) {
+        const std::uint32_t limit =
+            fail_after_data && fail_after_bytes ? std::min(fail_after_bytes, request.length) : request.length;
+        for (std::uint32_t at = 0; at < limit; at += piece) {
           const std::uint32_t length = std::min(piece, request.length - at);
           if (!replier.read_data(request, at, disk_.data() + request.offset + at, length)) break;
         }

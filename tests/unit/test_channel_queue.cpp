@@ -371,3 +371,28 @@ TEST_CASE("an impossible completion ring index: the queue sets the channel up ag
   CHECK(load_acquire(f.transport.channel_control(0).generation) != generation);  // it was set up again
   CHECK(f.queue->outstanding() == 0);
 }
+
+TEST_CASE("fail_outstanding() while a WRITE payload is arriving finishes that request with EIO, not a hang") {
+  QueueFixture f;
+  FakeHandler handler(f.transport, 0, f.disk, 1);
+  REQUIRE(f.queue->bind({0, 0, 1}, std::chrono::seconds(5)));
+  handler.pause = true;  // the backend is gone: nothing it is given completes
+  RecordingReplier replier;
+  int fds[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+  std::vector<std::byte> payload(5000, std::byte{0x33});
+  REQUIRE(::write(fds[1], payload.data(), 2000) == 2000);
+  std::atomic<bool> submitted{false};
+  std::thread submitter([&] {
+    CHECK(f.queue->submit(request(50, nbd::kCmdWrite, 0, 5000), fds[0], replier));
+    submitted = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the payload is being received
+  f.queue->fail_outstanding(EIO);
+  REQUIRE(::write(fds[1], payload.data() + 2000, 3000) == 3000);
+  CHECK(replier.wait(50, std::chrono::seconds(5)) == EIO);
+  submitter.join();
+  CHECK(submitted);
+  ::close(fds[0]);
+  ::close(fds[1]);
+}

@@ -430,5 +430,53 @@ TEST_CASE("connection: misaligned requests are refused only when the client agre
   }
 }
 
+TEST_CASE("connection: a DF READ that fails part-way is padded to its announced length, then an ERROR chunk") {
+  Session s(kAllCaps, true);
+  s.target().read_piece_size = 1000;
+  s.target().fail_with = EIO;
+  s.target().fail_after_data = true;
+  s.target().fail_after_bytes = 1000;
+  s.start();
+  s.request(nbd::kCmdRead, nbd::kCmdFlagDf, 11, 0, 2500);
+  const Chunk data = s.chunk();
+  CHECK(data.type == nbd::kReplyTypeOffsetData);
+  CHECK(data.flags == 0);
+  REQUIRE(data.payload.size() == 8 + 2500);
+  CHECK(Bytes(data.payload.begin() + 8, data.payload.begin() + 8 + 1000) == s.disk(0, 1000));
+  CHECK(Bytes(data.payload.begin() + 8 + 1000, data.payload.end()) == Bytes(1500, 0));
+  const Chunk error = s.chunk();
+  CHECK(error.type == nbd::kReplyTypeError);
+  CHECK(error.flags == nbd::kReplyFlagDone);
+  REQUIRE(error.payload.size() == 6);
+  CHECK(nbd::load_be32(error.payload.data()) == nbd::kErrIo);
+  // The connection is still usable.
+  s.target().fail_with = 0;
+  s.target().fail_after_data = false;
+  s.request(nbd::kCmdWrite, 0, 12, 0, 4, Bytes{1, 2, 3, 4});
+  CHECK(s.simple_reply(12) == 0);
+}
+
+TEST_CASE("connection: a DF READ longer than the advertised maximum block size gets EOVERFLOW") {
+  Session s(kAllCaps, true);
+  s.info().block_max = 64u << 10;
+  s.start();
+  s.request(nbd::kCmdRead, nbd::kCmdFlagDf, 13, 0, (64u << 10) + 4096);
+  const Chunk error = s.chunk();
+  CHECK(error.type == nbd::kReplyTypeError);
+  CHECK(error.flags == nbd::kReplyFlagDone);
+  REQUIRE(error.payload.size() == 6);
+  CHECK(nbd::load_be32(error.payload.data()) == nbd::kErrOverflow);
+  CHECK(s.target().submitted() == 0);
+  // Without DF the same READ is served (in chunks as the data comes).
+  s.request(nbd::kCmdRead, 0, 14, 0, (64u << 10) + 4096);
+  std::uint64_t got = 0;
+  for (;;) {
+    const Chunk chunk = s.chunk();
+    if (chunk.type == nbd::kReplyTypeOffsetData) got += chunk.payload.size() - 8;
+    if (chunk.flags & nbd::kReplyFlagDone) break;
+  }
+  CHECK(got == (64u << 10) + 4096);
+}
+
 }  // namespace
 }  // namespace cbd::proxy

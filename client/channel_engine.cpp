@@ -1,0 +1,337 @@
+#include "client/channel_engine.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "common/crc32c.hpp"
+#include "common/log.hpp"
+#include "common/shared_atomic.hpp"
+
+namespace cbd::proxy {
+namespace {
+
+constexpr std::uint32_t kTagSlotBits = 20;
+constexpr std::uint64_t kSerialMask = (std::uint64_t{1} << (64 - kTagSlotBits)) - 1;
+
+RateLimit bad_completion_log;
+
+}  // namespace
+
+ChannelEngine::ChannelEngine(const Transport& transport, SlotClaim claim)
+    : channel_(transport, claim.index()),
+      claim_(std::move(claim)),
+      allocator_(channel_.data_size()),
+      submissions_(channel_.submission_producer()),
+      completions_(channel_.completion_consumer()) {
+  const auto& geometry = transport.superblock().channel;
+  const std::uint32_t count = std::min({geometry.sq_entries, geometry.cq_entries, 1u << kTagSlotBits});
+  entries_.resize(count);
+  free_slots_.reserve(count);
+  for (std::uint32_t i = count; i-- > 0;) free_slots_.push_back(i);
+  local_completions_.reserve(count);
+  const std::uint64_t piece = allocator_.size() / 4;
+  max_piece_ = static_cast<std::uint32_t>(std::max<std::uint64_t>(piece & ~std::uint64_t{4095}, 4096));
+  // An older backend instance is fenced within dead-after of its pause (it
+  // stops at its next check); twice that, and at least a second, covers an
+  // operation it had already handed to its store.
+  quarantine_ = std::chrono::milliseconds(std::max<std::uint64_t>(1000, 2ull * transport.superblock().dead_after_ms));
+}
+
+std::uint64_t ChannelEngine::tag_of(std::uint32_t slot) const {
+  return (entries_[slot].serial << kTagSlotBits) | slot;
+}
+
+bool ChannelEngine::still_ours() {
+  if (lost_) return false;
+  if (claim_.owned()) return true;
+  lost_ = true;
+  attached_ = false;
+  log(LogLevel::Error,
+      "channel %u: this channel was reclaimed (this process was judged dead, e.g. paused past dead-after); "
+      "no longer writing to it — its %zu outstanding entries move to a new channel",
+      index(), outstanding_);
+  return false;
+}
+
+std::optional<std::uint32_t> ChannelEngine::reserve(std::uint32_t data_length, bool needs_extent,
+                                                    std::uint64_t owner) {
+  if (free_slots_.empty()) return std::nullopt;
+  const bool with_extent = needs_extent || data_length > 0;
+  std::optional<std::uint32_t> offset;
+  if (with_extent) {
+    offset = allocator_.allocate(data_length);
+    if (!offset) return std::nullopt;
+  }
+  const std::uint32_t slot = free_slots_.back();
+  free_slots_.pop_back();
+  Entry& entry = entries_[slot];
+  entry = Entry{};
+  entry.state = State::Reserved;
+  entry.serial = next_serial_++ & kSerialMask;
+  entry.owner = owner;
+  entry.has_extent = with_extent;
+  entry.submission.data_offset = offset.value_or(0);
+  entry.submission.data_length = with_extent ? data_length : 0;
+  ++outstanding_;
+  return slot;
+}
+
+std::byte* ChannelEngine::extent(std::uint32_t slot) const {
+  const Entry& entry = entries_[slot];
+  if (!entry.has_extent) return nullptr;
+  return channel_.data(entry.submission.data_offset, entry.submission.data_length);
+}
+
+void ChannelEngine::payload_received(std::uint32_t slot, std::uint32_t from, std::uint32_t length) {
+  Entry& entry = entries_[slot];
+  std::byte* data = extent(slot);
+  if (!data || from != entry.payload_length) return;
+  entry.payload_crc = crc32c(entry.payload_crc, data + from, length);
+  entry.payload_length += length;
+}
+
+void ChannelEngine::submit(std::uint32_t slot) {
+  Entry& entry = entries_[slot];
+  if (entry.state != State::Reserved) return;
+  if (failing_ || entry.status) {
+    complete_locally(slot, failing_ ? failing_ : entry.status);
+    return;
+  }
+  entry.submission.tag = tag_of(slot);
+  if (entry.submission.op == static_cast<std::uint16_t>(Op::Write) && entry.has_extent)
+    entry.submission.data_crc = channel_.publish_data(extent(slot), entry.submission.length);
+  entry.state = State::Waiting;
+  if (attached_ && !setting_up_) stage(slot);
+}
+
+bool ChannelEngine::stage(std::uint32_t slot) {
+  Entry& entry = entries_[slot];
+  if (!still_ours()) return false;
+  entry.submission.generation = static_cast<std::uint32_t>(generation_);
+  // A free entry slot guarantees ring space: entries in the ring are a
+  // subset of the table, which is no larger than either ring.  A consumer
+  // index that lies (corrupt control block) can still refuse: the entry then
+  // waits for the set-up that a broken or stalled channel triggers.
+  if (!submissions_.stage(entry.submission)) return false;
+  entry.state = State::Pushed;
+  ++entry.generations;
+  if (entry.generations > 1) entry.quarantine_extent = true;
+  ++in_flight_;
+  ++staged_;
+  ChannelControl& control = channel_.control();
+  add_relaxed(control.requests, std::uint64_t{1});
+  add_relaxed(control.bytes, std::uint64_t{entry.submission.length});
+  return true;
+}
+
+void ChannelEngine::publish() {
+  if (staged_ == 0) return;
+  if (!still_ours()) return;
+  submissions_.publish();
+  staged_ = 0;
+  update_in_flight_counter();
+}
+
+void ChannelEngine::update_in_flight_counter() {
+  if (lost_) return;
+  store_relaxed(channel_.control().in_flight, static_cast<std::uint64_t>(in_flight_));
+}
+
+void ChannelEngine::complete_locally(std::uint32_t slot, int error) {
+  Entry& entry = entries_[slot];
+  if (entry.state == State::Pushed) {
+    --in_flight_;
+    // The backend instance that popped it may still be executing it.
+    entry.quarantine_extent = true;
+  }
+  entry.state = State::Completed;
+  entry.status = error;
+  entry.result_length = 0;
+  --outstanding_;
+  local_completions_.push_back(slot);
+}
+
+bool ChannelEngine::accept(const CompletionEntry& completion, std::uint32_t& slot_out) {
+  const std::uint64_t slot = completion.tag & ((1u << kTagSlotBits) - 1);
+  const std::uint64_t serial = completion.tag >> kTagSlotBits;
+  const char* why = nullptr;
+  // Handlers that predate generation stamping leave it 0; the ring itself
+  // belongs to the current generation (reset at every set-up), so only a
+  // nonzero foreign generation is proof of staleness.
+  if (completion.generation != 0 && completion.generation != static_cast<std::uint32_t>(generation_))
+    why = "of another generation";
+  else if (slot >= entries_.size() || entries_[slot].serial != serial)
+    why = "with an unknown tag";
+  else if (entries_[slot].state != State::Pushed)
+    why = "for an entry that is not in the ring";
+  if (why) {
+    std::uint64_t dropped = 0;
+    if (bad_completion_log.allow(&dropped))
+      log(LogLevel::Warning, "channel %u: ignoring a completion %s (tag %#llx; %llu more suppressed)", index(), why,
+          static_cast<unsigned long long>(completion.tag), static_cast<unsigned long long>(dropped));
+    return false;
+  }
+  Entry& entry = entries_[slot];
+  if (completion.status == ESHUTDOWN) {
+    // A backend stopping cleanly fails what it has not executed with
+    // ESHUTDOWN: like a crash, the entry waits for the next instance (the
+    // re-drive at the next set-up), or for fail_outstanding() at the timeout.
+    entry.state = State::Waiting;
+    entry.quarantine_extent = true;
+    --in_flight_;
+    return false;
+  }
+  entry.state = State::Completed;
+  entry.status = sane_status(completion.status);
+  entry.result_length = completion.result_length;
+  entry.result_crc = completion.data_crc;
+  --in_flight_;
+  --outstanding_;
+  if (entry.status) add_relaxed(channel_.control().errors, std::uint64_t{1});
+  slot_out = static_cast<std::uint32_t>(slot);
+  return true;
+}
+
+void ChannelEngine::release(std::uint32_t slot) {
+  Entry& entry = entries_[slot];
+  if (entry.state == State::Free) return;
+  if (entry.state != State::Completed) {
+    // Released before completion (its connection is gone while the payload
+    // was arriving): it never reached a ring.
+    if (entry.state == State::Pushed || entry.state == State::Waiting) return;  // still owed a completion
+    --outstanding_;
+  }
+  if (entry.has_extent) {
+    if (entry.quarantine_extent)
+      quarantined_.push_back({entry.submission.data_offset, Clock::now() + quarantine_});
+    else
+      allocator_.release(entry.submission.data_offset);
+  }
+  entry.state = State::Free;
+  entry.owner = 0;
+  free_slots_.push_back(slot);
+}
+
+void ChannelEngine::expire_quarantine(Clock::time_point now) {
+  auto expired = std::remove_if(quarantined_.begin(), quarantined_.end(), [&](const Quarantined& q) {
+    if (now < q.until) return false;
+    allocator_.release(q.offset);
+    return true;
+  });
+  quarantined_.erase(expired, quarantined_.end());
+}
+
+bool ChannelEngine::begin_setup(std::optional<Binding> binding) {
+  if (binding) binding_ = *binding;
+  attached_ = false;
+  if (!still_ours()) return false;
+  // Every entry in the old ring is abandoned with it: back to Waiting, to be
+  // pushed once into the new generation.
+  for (Entry& entry : entries_)
+    if (entry.state == State::Pushed) {
+      entry.state = State::Waiting;
+      --in_flight_;
+    }
+  staged_ = 0;
+  submissions_.reset();
+  completions_.reset();
+  generation_ = channel_.queue_setup(binding_.backend_id, binding_.blkdev_id, binding_.backend_epoch);
+  setting_up_ = true;
+  broken_ = false;
+  last_progress_ = Clock::now();
+  return true;
+}
+
+bool ChannelEngine::poll_attached() {
+  if (!setting_up_) return attached_;
+  if (!still_ours()) return false;
+  if (!channel_.handler_attached(generation_)) return false;
+  setting_up_ = false;
+  attached_ = true;
+  failing_ = 0;
+  std::size_t redriven = 0;
+  for (std::uint32_t slot = 0; slot < entries_.size(); ++slot) {
+    Entry& entry = entries_[slot];
+    if (entry.state != State::Waiting) continue;
+    if (entry.generations > 0) ++redriven;
+    stage(slot);
+  }
+  publish();
+  update_in_flight_counter();
+  last_progress_ = Clock::now();
+  static RateLimit redrive_log(std::chrono::seconds(10));
+  if (redriven && redrive_log.allow())
+    log(LogLevel::Info, "channel %u: re-drove %zu outstanding entries to backend epoch %llu", index(), redriven,
+        static_cast<unsigned long long>(binding_.backend_epoch));
+  return true;
+}
+
+void ChannelEngine::fail_outstanding(int error) {
+  failing_ = error;
+  attached_ = false;
+  for (std::uint32_t slot = 0; slot < entries_.size(); ++slot) {
+    const State state = entries_[slot].state;
+    if (state == State::Waiting || state == State::Pushed) complete_locally(slot, error);
+  }
+  update_in_flight_counter();
+}
+
+void ChannelEngine::adopt_outstanding(ChannelEngine& old) {
+  binding_ = old.binding_;
+  failing_ = old.failing_;
+  next_serial_ = std::max(next_serial_, old.next_serial_);
+  // Old extents are addressed in the old data area; moving entries one by
+  // one into a fresh allocator always fits (they fitted there, with waste).
+  for (std::uint32_t slot = 0; slot < old.entries_.size() && slot < entries_.size(); ++slot) {
+    Entry& from = old.entries_[slot];
+    if (from.state == State::Free) continue;
+    auto taken = std::find(free_slots_.begin(), free_slots_.end(), slot);
+    if (taken == free_slots_.end()) continue;  // cannot happen: same geometry, fresh engine
+    free_slots_.erase(taken);
+    Entry& to = entries_[slot];
+    to = from;
+    to.generations = 0;  // never pushed into this channel
+    to.quarantine_extent = false;
+    if (from.state == State::Pushed) {
+      to.state = State::Waiting;
+      --old.in_flight_;
+    }
+    if (to.state != State::Completed) ++outstanding_;
+    if (!from.has_extent) continue;
+    auto offset = allocator_.allocate(from.submission.data_length);
+    to.submission.data_offset = offset.value_or(0);
+    const std::byte* source = old.channel_.data(from.submission.data_offset, from.submission.data_length);
+    std::byte* target = extent(slot);
+    if (!offset || !source || !target) {
+      to.has_extent = false;
+      fail_adopted(slot, EIO);
+      continue;
+    }
+    if (from.payload_length > 0) {
+      // A WRITE payload (whole or in part): copy first, then check the copy,
+      // since the old area may change under us.
+      std::memcpy(target, source, from.payload_length);
+      if (crc32c(0, target, from.payload_length) != from.payload_crc) fail_adopted(slot, EIO);
+    } else if (from.state == State::Completed) {
+      // A result its owner has not sent yet.  It was written before we lost
+      // the channel; whoever owns it now may have written over it since,
+      // which only checksum mode can tell.
+      const std::uint32_t length = std::min(from.result_length, from.submission.data_length);
+      std::memcpy(target, source, length);
+      if (channel_.mode().checksum && from.status == 0 && crc32c(0, target, length) != from.result_crc)
+        to.status = EIO;
+    }
+  }
+  old.outstanding_ = 0;
+}
+
+void ChannelEngine::fail_adopted(std::uint32_t slot, int error) {
+  Entry& entry = entries_[slot];
+  if (entry.state == State::Waiting)
+    complete_locally(slot, error);
+  else
+    entry.status = error;  // Completed: reported as is; Reserved: submit() fails it
+}
+
+}  // namespace cbd::proxy

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# A clean backend stop is a crash-restart to the proxy (docs/design.md §5,
+# "A clean backend stop"): fio writes and verifies through the proxy while
+# the storage-side nbdkit is stopped with SIGTERM (it fails what it has not
+# executed with ESHUTDOWN) and started again within timeout=.  The proxy
+# holds those requests and re-drives them: fio ends with no error.
+source "$(dirname "$0")/functions.sh"
+require_built
+require fio jq
+fio --enghelp=nbd >/dev/null 2>&1 || skip "this fio has no nbd engine"
+
+region=$((64 * 1024 * 1024))
+backing=$TEST_DIR/backing.img
+truncate -s $((2 * region)) "$backing"
+
+fast_transport
+start_backend file="$backing" backend-id=0
+start_proxy timeout=60
+
+cat >"$TEST_DIR/verify.fio" <<JOB
+[global]
+ioengine=nbd
+uri=$PROXY_URI
+rw=randwrite
+bsrange=4k-128k
+iodepth=16
+size=$region
+offset_increment=$region
+numjobs=2
+verify=crc32c
+verify_fatal=1
+do_verify=1
+verify_state_save=0
+
+[cbd]
+JOB
+run_client fio --output-format=json --output="$TEST_DIR/fio.json" "$TEST_DIR/verify.fio" &
+fio_pid=$!
+
+requests() { list_json | jq '[.channels[]? | .requests] | add // 0'; }
+deadline=$((SECONDS + 60))
+until (($(requests) > 200)); do
+    kill -0 "$fio_pid" 2>/dev/null || fail "fio ended before the backend could be stopped"
+    ((SECONDS < deadline)) || fail "fio made no progress"
+    sleep 0.05
+done
+
+stopped=$BACKEND_PID
+stop_process "$stopped" || fail "nbdkit did not stop cleanly on SIGTERM"
+keep=()
+for pid in "${_cbd_pids[@]}"; do [[ $pid == "$stopped" ]] || keep+=("$pid"); done
+_cbd_pids=("${keep[@]}")
+before=$(requests)
+log "backend stopped with SIGTERM after $before requests; restarting it"
+sleep 0.5
+start_backend file="$backing" backend-id=0
+
+status=0
+wait "$fio_pid" || status=$?
+jq -r '.jobs[] | "job \(.jobname): read \(.read.io_bytes) B, write \(.write.io_bytes) B, error \(.error)"' \
+    "$TEST_DIR/fio.json" >&2 || true
+((status == 0)) || fail "fio failed (status $status) across the clean backend stop"
+jq -e '[.jobs[] | .error] | all(. == 0)' "$TEST_DIR/fio.json" >/dev/null || fail "fio reports errors"
+jq -e '[.jobs[] | .read.io_bytes] | all(. > 0)' "$TEST_DIR/fio.json" >/dev/null || fail "fio verified nothing"
+(($(requests) > before)) || fail "no request went through after the restart"
+errors=$(list_json | jq '[.channels[]? | .errors] | add // 0')
+((errors == 0)) || fail "the proxy failed $errors requests"
+stop_all || fail "a server did not stop cleanly"
+log "PASS"

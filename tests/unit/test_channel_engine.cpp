@@ -1,0 +1,302 @@
+// The queue side's channel engine through a real channel in /dev/shm, with
+// the handler side scripted step by step in the test (no thread, so every
+// interleaving is exact): exactly once across set-ups, fencing after the
+// channel was reclaimed, forged completions, failing during a payload,
+// quarantine of extents an older backend instance may still touch, and a
+// clean backend stop.
+#include <doctest/doctest.h>
+
+#include <cerrno>
+#include <map>
+#include <thread>
+#include <vector>
+
+#include "client/channel_engine.hpp"
+#include "common/channel.hpp"
+#include "common/shared_atomic.hpp"
+#include "shm_fixture.hpp"
+
+using namespace cbd;
+using namespace cbd::proxy;
+
+namespace {
+
+// The handler side of channel 0, driven by the test.
+class ScriptedHandler {
+ public:
+  ScriptedHandler(const Transport& transport, std::uint64_t epoch)
+      : channel_(transport, 0), epoch_(epoch), sq_(channel_.submission_consumer()), cq_(channel_.completion_producer()) {}
+
+  // Step 2 of the attach protocol for whatever generation the queue published.
+  std::uint64_t attach() {
+    const std::uint64_t generation = load_acquire(channel_.control().generation);
+    sq_.reset();
+    cq_.reset();
+    channel_.handler_attach(generation, epoch_);
+    return generation;
+  }
+  std::vector<SubmissionEntry> take_all() {
+    std::vector<SubmissionEntry> taken;
+    SubmissionEntry entry;
+    while (sq_.pop(entry) == PopStatus::Ok) taken.push_back(entry);
+    sq_.release();
+    return taken;
+  }
+  void complete(std::uint64_t tag, std::uint32_t generation, int status = 0, std::uint32_t result_length = 0) {
+    CompletionEntry completion{};
+    completion.tag = tag;
+    completion.status = status;
+    completion.result_length = result_length;
+    completion.generation = generation;
+    REQUIRE(cq_.push(completion));
+  }
+
+ private:
+  Channel channel_;
+  std::uint64_t epoch_;
+  RingConsumer<SubmissionEntry> sq_;
+  RingProducer<CompletionEntry> cq_;
+};
+
+struct EngineFixture {
+  test::ShmFile file{"engine"};
+  Transport transport{test::make_transport(file, test::small_options(), 16 << 20)};
+  std::uint64_t claimed_word = 0;
+  std::unique_ptr<ChannelEngine> engine;
+
+  EngineFixture() {
+    auto word = try_claim(transport.channel_control(0).header, kNoSlot);
+    REQUIRE(word);
+    claimed_word = *word;
+    engine = std::make_unique<ChannelEngine>(transport, SlotClaim(&transport.channel_control(0).header, 0, *word));
+  }
+  // Set-up plus attach; returns the generation.
+  std::uint64_t set_up(ScriptedHandler& handler, std::uint64_t epoch = 1) {
+    REQUIRE(engine->begin_setup(Binding{0, 0, epoch}));
+    CHECK_FALSE(engine->poll_attached());
+    const std::uint64_t generation = handler.attach();
+    REQUIRE(engine->poll_attached());
+    return generation;
+  }
+  std::uint32_t reserve(Op op, std::uint64_t offset, std::uint32_t length, std::uint64_t owner) {
+    const bool data = op == Op::Read || op == Op::Write;
+    auto slot = engine->reserve(data ? length : 0, data, owner);
+    REQUIRE(slot);
+    SubmissionEntry& se = engine->submission(*slot);
+    se.op = static_cast<std::uint16_t>(op);
+    se.offset = offset;
+    se.length = length;
+    return *slot;
+  }
+  std::vector<EngineCompletion> reap() {
+    std::vector<EngineCompletion> done;
+    engine->reap([&](const EngineCompletion& c) { done.push_back(c); });
+    return done;
+  }
+};
+
+std::map<std::uint64_t, int> count_tags(const std::vector<SubmissionEntry>& entries) {
+  std::map<std::uint64_t, int> counts;
+  for (const auto& e : entries) ++counts[e.tag];
+  return counts;
+}
+
+}  // namespace
+
+TEST_CASE("engine (a): a WRITE whose payload arrives during a set-up is pushed exactly once; others re-driven once") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  const std::uint64_t first = f.set_up(handler);
+
+  const std::uint32_t read = f.reserve(Op::Read, 0, 4096, 1);
+  f.engine->submit(read);
+  f.engine->publish();
+  const std::uint32_t write = f.reserve(Op::Write, 8192, 4096, 2);  // payload still arriving
+  auto in_first = handler.take_all();
+  REQUIRE(in_first.size() == 1);
+  CHECK(in_first[0].generation == static_cast<std::uint32_t>(first));
+
+  // The channel is set up again (backend restart, stall, broken ring) while
+  // the payload is being received.
+  const std::uint64_t second = f.set_up(handler, 2);
+  REQUIRE(second != first);
+  std::memset(f.engine->extent(write), 0x5a, 4096);
+  f.engine->payload_received(write, 0, 4096);
+  f.engine->submit(write);
+  f.engine->publish();
+
+  auto in_second = handler.take_all();
+  auto counts = count_tags(in_second);
+  CHECK(in_second.size() == 2);
+  CHECK(counts.size() == 2);
+  for (const auto& [tag, count] : counts) CHECK(count == 1);
+  for (const auto& e : in_second) CHECK(e.generation == static_cast<std::uint32_t>(second));
+  for (const auto& e : in_second) handler.complete(e.tag, e.generation);
+
+  auto done = f.reap();
+  REQUIRE(done.size() == 2);
+  std::map<std::uint64_t, int> owners;
+  for (const auto& c : done) ++owners[c.owner];
+  CHECK(owners[1] == 1);
+  CHECK(owners[2] == 1);
+  CHECK(f.engine->in_flight() == 0);
+  CHECK(f.engine->outstanding() == 0);
+  // A late completion for the first generation's copy changes nothing.
+  handler.complete(in_first[0].tag, in_first[0].generation);
+  CHECK(f.reap().empty());
+}
+
+TEST_CASE("engine (b): after the channel was reclaimed and claimed by another owner, nothing of it is written") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  f.set_up(handler);
+  const std::uint32_t pending = f.reserve(Op::Read, 0, 4096, 1);
+  f.engine->submit(pending);
+  f.engine->publish();
+
+  // Judged dead while paused: reclaimed, then claimed and set up by someone else.
+  ChannelControl& control = f.transport.channel_control(0);
+  REQUIRE(reclaim(control.header, f.claimed_word));
+  auto other = try_claim(control.header, 3);
+  REQUIRE(other);
+  Channel theirs(f.transport, 0);
+  const std::uint64_t their_generation = theirs.queue_setup(0, 1, 7);
+  const auto snapshot = [&] {
+    return std::vector<std::uint64_t>{load_acquire(control.generation), load_acquire(control.sq_head.value),
+                                      load_acquire(control.cq_head.value), load_acquire(control.in_flight),
+                                      load_acquire(control.backend_epoch), load_acquire(control.requests)};
+  };
+  const auto before = snapshot();
+
+  // The former owner wakes up and keeps working.
+  const std::uint32_t more = f.reserve(Op::Write, 4096, 4096, 2);
+  f.engine->submit(more);
+  f.engine->publish();
+  f.reap();
+  CHECK_FALSE(f.engine->begin_setup(Binding{0, 0, 2}));
+  CHECK_FALSE(f.engine->poll_attached());
+  f.engine->fail_outstanding(EIO);
+  f.reap();
+  CHECK(f.engine->lost());
+  CHECK(snapshot() == before);
+  CHECK(load_acquire(control.generation) == their_generation);
+  CHECK(load_acquire(control.header.state) == *other);
+}
+
+TEST_CASE("engine (c): a forged completion for a tag not in the ring is ignored; the real one completes") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  const std::uint64_t generation = f.set_up(handler);
+  const std::uint32_t first = f.reserve(Op::Read, 0, 4096, 1);
+  f.engine->submit(first);
+  f.engine->publish();
+  auto taken = handler.take_all();
+  REQUIRE(taken.size() == 1);
+  const std::uint64_t first_tag = taken[0].tag;
+  // The next entry's tag follows the first's: serial + 1, its slot.
+  const std::uint32_t second = f.reserve(Op::Write, 4096, 4096, 2);
+  const std::uint64_t forged = (((first_tag >> 20) + 1) << 20) | second;
+  handler.complete(forged, static_cast<std::uint32_t>(generation));
+  handler.complete(first_tag, static_cast<std::uint32_t>(generation) + 1);  // wrong generation
+  CHECK(f.reap().empty());
+  CHECK(f.engine->in_flight() == 1);
+  CHECK(f.engine->outstanding() == 2);
+
+  f.engine->payload_received(second, 0, 4096);
+  f.engine->submit(second);
+  f.engine->publish();
+  taken = handler.take_all();
+  REQUIRE(taken.size() == 1);
+  CHECK(taken[0].tag == forged);  // the forger guessed right; it still had to wait for the push
+  handler.complete(first_tag, static_cast<std::uint32_t>(generation), 0, 4096);
+  handler.complete(taken[0].tag, static_cast<std::uint32_t>(generation));
+  auto done = f.reap();
+  REQUIRE(done.size() == 2);
+  CHECK(done[0].owner == 1);
+  CHECK(done[1].owner == 2);
+  CHECK(done[1].status == 0);
+  CHECK(f.engine->in_flight() == 0);
+  CHECK(f.engine->outstanding() == 0);
+}
+
+TEST_CASE("engine (d): fail_outstanding() during a payload finishes that request with EIO too") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  f.set_up(handler);
+  const std::uint32_t pushed = f.reserve(Op::Read, 0, 4096, 1);
+  f.engine->submit(pushed);
+  f.engine->publish();
+  const std::uint32_t receiving = f.reserve(Op::Write, 4096, 4096, 2);
+  f.engine->fail_outstanding(EIO);
+  auto done = f.reap();
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].owner == 1);
+  CHECK(done[0].status == EIO);
+  // The payload ends after the failure pass: it completes, never reaches a ring.
+  f.engine->payload_received(receiving, 0, 4096);
+  f.engine->submit(receiving);
+  f.engine->publish();
+  done = f.reap();
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].owner == 2);
+  CHECK(done[0].status == EIO);
+  CHECK(handler.take_all().size() == 1);  // only the first entry was ever published
+  CHECK(f.engine->outstanding() == 0);
+}
+
+TEST_CASE("engine: the extent of an entry re-driven across generations is quarantined after it completes") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  f.set_up(handler);
+  f.engine->set_quarantine(std::chrono::milliseconds(200));
+  const std::uint32_t whole = static_cast<std::uint32_t>(f.engine->data_size());
+  std::uint32_t slot = f.reserve(Op::Read, 0, 4096, 1);
+  f.engine->submit(slot);
+  f.engine->publish();
+  handler.take_all();  // the old instance took it and may still execute it
+  const std::uint64_t generation = f.set_up(handler, 2);
+  auto redriven = handler.take_all();
+  REQUIRE(redriven.size() == 1);
+  handler.complete(redriven[0].tag, static_cast<std::uint32_t>(generation), 0, 4096);
+  auto done = f.reap();
+  REQUIRE(done.size() == 1);
+  f.engine->release(done[0].slot);
+  CHECK_FALSE(f.engine->reserve(whole, true, 2));  // still held
+  f.engine->expire_quarantine(ChannelEngine::Clock::now() + std::chrono::milliseconds(250));
+  auto all = f.engine->reserve(whole, true, 2);
+  CHECK(all);
+
+  // An entry completed in a single generation is reused at once.
+  f.engine->release(*all);
+  slot = f.reserve(Op::Read, 0, 4096, 3);
+  f.engine->submit(slot);
+  f.engine->publish();
+  auto once = handler.take_all();
+  REQUIRE(once.size() == 1);
+  handler.complete(once[0].tag, static_cast<std::uint32_t>(generation), 0, 4096);
+  done = f.reap();
+  REQUIRE(done.size() == 1);
+  f.engine->release(done[0].slot);
+  CHECK(f.engine->reserve(whole, true, 4));
+}
+
+TEST_CASE("engine: ESHUTDOWN from a backend stopping cleanly holds the entry for the next instance") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  std::uint64_t generation = f.set_up(handler);
+  const std::uint32_t slot = f.reserve(Op::Read, 0, 4096, 1);
+  f.engine->submit(slot);
+  f.engine->publish();
+  auto taken = handler.take_all();
+  REQUIRE(taken.size() == 1);
+  handler.complete(taken[0].tag, static_cast<std::uint32_t>(generation), ESHUTDOWN);
+  CHECK(f.reap().empty());  // held, not failed
+  CHECK(f.engine->outstanding() == 1);
+  generation = f.set_up(handler, 2);  // the backend returns
+  taken = handler.take_all();
+  REQUIRE(taken.size() == 1);
+  handler.complete(taken[0].tag, static_cast<std::uint32_t>(generation), 0, 4096);
+  auto done = f.reap();
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].status == 0);
+}
