@@ -11,6 +11,7 @@
 #include <cstring>
 #include <random>
 #include <stdexcept>
+#include <vector>
 
 #include "common/crc32c.hpp"
 #include "common/error.hpp"
@@ -58,41 +59,122 @@ ChannelGeometry channel_geometry(std::uint32_t sq_entries, std::uint32_t cq_entr
   return g;
 }
 
+// A byte range [begin, end) of the region or of a channel, for the overlap
+// checks; `name` is the superblock field that places it.
+struct Extent {
+  const char* name;
+  std::uint64_t begin;
+  std::uint64_t end;
+};
+
+bool overlap(const Extent& a, const Extent& b) { return a.begin < b.end && b.begin < a.end; }
+
+std::string range_text(const Extent& e) {
+  return std::string(e.name) + " [" + std::to_string(e.begin) + ", " + std::to_string(e.end) + ")";
+}
+
+// Bounds of the superblock's timing fields (docs/design.md, "Transport
+// format"): faster beats than 10 ms cost CPU for nothing, slower than a
+// minute make failover useless; dead-after must leave room for one missed
+// beat and stay below ten minutes.
+constexpr std::uint64_t kMinHeartbeatMs = 10;
+constexpr std::uint64_t kMaxHeartbeatMs = 60'000;
+constexpr std::uint64_t kMaxDeadAfterMs = 600'000;
+constexpr std::uint32_t kMaxSlots = 4096;
+constexpr std::uint32_t kMaxRingEntries = 1u << 20;
+
 // Checks that the geometry in `sb` is self-consistent and fits `mapped`
-// bytes; returns an empty string or the reason it does not.
+// bytes; returns an empty string or the reason it does not, naming the
+// field and its value.  Every sum and product is checked for overflow in 64
+// bits: the superblock comes from a peer, and its checksum (CRC32C) is no
+// protection against one that forges it.
 std::string geometry_problem(const Superblock& sb, std::uint64_t mapped) {
-  const auto& c = sb.channel;
-  if (!std::has_single_bit(c.sq_entries) || !std::has_single_bit(c.cq_entries) || c.sq_entries > (1u << 20) ||
-      c.cq_entries > (1u << 20))
-    return "ring sizes must be powers of two up to 2^20 (sq " + std::to_string(c.sq_entries) + ", cq " +
-           std::to_string(c.cq_entries) + ")";
+  const std::uint64_t interval = sb.heartbeat_interval_ms;
+  const std::uint64_t dead_after = sb.dead_after_ms;
+  if (interval < kMinHeartbeatMs || interval > kMaxHeartbeatMs)
+    return "heartbeat_interval_ms " + std::to_string(interval) + " is outside 10 ms to 60 s";
+  if (dead_after < 2 * interval || dead_after > kMaxDeadAfterMs)
+    return "dead_after_ms " + std::to_string(dead_after) + " is outside twice heartbeat_interval_ms (" +
+           std::to_string(2 * interval) + ") to 10 min";
+  if (sb.region_size < kPageSize)
+    return "region_size " + std::to_string(sb.region_size) + " is smaller than the superblock page";
+
+  // The channel: control block, rings and data area inside one slot, apart.
+  const ChannelGeometry& c = sb.channel;
+  if (!std::has_single_bit(c.sq_entries) || c.sq_entries > kMaxRingEntries)
+    return "channel.sq_entries " + std::to_string(c.sq_entries) + " is not a power of two up to 2^20";
+  if (!std::has_single_bit(c.cq_entries) || c.cq_entries > kMaxRingEntries)
+    return "channel.cq_entries " + std::to_string(c.cq_entries) + " is not a power of two up to 2^20";
   if (c.data_size == 0 || c.data_size > 0xffffffffull || c.data_size % kPageSize != 0)
-    return "channel data area size " + std::to_string(c.data_size) + " is not a page multiple below 4 GiB";
-  ChannelGeometry expected = channel_geometry(c.sq_entries, c.cq_entries, c.data_size);
-  if (std::memcmp(&expected, &c, sizeof c) != 0) return "channel ring/data offsets are inconsistent";
-  if (sb.channels.slot_size < c.data_offset + c.data_size)
-    return "channel slot size " + std::to_string(sb.channels.slot_size) + " is smaller than its contents";
-  if (sb.heartbeat_interval_ms == 0 || sb.dead_after_ms < 2 * sb.heartbeat_interval_ms)
-    return "dead_after_ms must be at least twice heartbeat_interval_ms";
-  // Areas: in order, non-overlapping, page aligned, slots big enough.
-  const AreaGeometry* areas[] = {&sb.hosts, &sb.backends, &sb.blkdevs, &sb.channels};
-  const std::uint32_t minimum_slot[] = {sizeof(HostSlot), sizeof(BackendSlot), sizeof(BlkdevSlot),
-                                        static_cast<std::uint32_t>(c.data_offset + c.data_size)};
-  const char* names[] = {"host", "backend", "blkdev", "channel"};
-  std::uint64_t end = kPageSize;
-  for (int i = 0; i < 4; ++i) {
-    const AreaGeometry& area = *areas[i];
-    if (area.count == 0 || area.count > 4096) return std::string(names[i]) + " slot count " + std::to_string(area.count) + " out of range";
-    if (area.slot_size < minimum_slot[i] || area.slot_size % kLineSize != 0)
-      return std::string(names[i]) + " slot size " + std::to_string(area.slot_size) + " is too small or unaligned";
-    if (area.offset < end || area.offset % kPageSize != 0)
-      return std::string(names[i]) + " area at " + std::to_string(area.offset) + " overlaps the previous one";
-    end = area.offset + std::uint64_t{area.slot_size} * area.count;
+    return "channel.data_size " + std::to_string(c.data_size) + " is not a page multiple below 4 GiB";
+  if (c.sq_offset % kLineSize != 0)
+    return "channel.sq_offset " + std::to_string(c.sq_offset) + " is not a multiple of 64";
+  if (c.cq_offset % kLineSize != 0)
+    return "channel.cq_offset " + std::to_string(c.cq_offset) + " is not a multiple of 64";
+  if (c.data_offset % kPageSize != 0)
+    return "channel.data_offset " + std::to_string(c.data_offset) + " is not a multiple of 4096";
+  std::uint64_t data_end = 0;
+  if (__builtin_add_overflow(c.data_offset, c.data_size, &data_end))
+    return "channel.data_offset " + std::to_string(c.data_offset) + " + data_size overflows";
+  const Extent parts[] = {
+      {"channel control block", 0, sizeof(ChannelControl)},
+      {"channel.sq_offset", c.sq_offset, std::uint64_t{c.sq_offset} + std::uint64_t{c.sq_entries} * sizeof(SubmissionEntry)},
+      {"channel.cq_offset", c.cq_offset, std::uint64_t{c.cq_offset} + std::uint64_t{c.cq_entries} * sizeof(CompletionEntry)},
+      {"channel.data_offset", c.data_offset, data_end},
+  };
+  const std::uint64_t channel_size = sb.channels.slot_size;
+  for (const Extent& part : parts)
+    if (part.end > channel_size)
+      return range_text(part) + " runs past the end of the channel (channels.slot_size " +
+             std::to_string(channel_size) + ")";
+  for (std::size_t i = 0; i < std::size(parts); ++i)
+    for (std::size_t j = i + 1; j < std::size(parts); ++j)
+      if (overlap(parts[i], parts[j])) return range_text(parts[j]) + " overlaps " + range_text(parts[i]);
+
+  // The areas: inside the formatted region, apart from each other and from
+  // the superblock page.
+  struct Area {
+    const char* name;
+    const char* offset_field;
+    const AreaGeometry& geometry;
+    std::uint64_t minimum_slot;
+  };
+  const Area areas[] = {{"hosts", "hosts.offset", sb.hosts, sizeof(HostSlot)},
+                        {"backends", "backends.offset", sb.backends, sizeof(BackendSlot)},
+                        {"blkdevs", "blkdevs.offset", sb.blkdevs, sizeof(BlkdevSlot)},
+                        {"channels", "channels.offset", sb.channels, sizeof(ChannelControl)}};
+  std::vector<Extent> extents{{"superblock", 0, kPageSize}};  // the names are the areas' offset fields
+  for (const Area& area : areas) {
+    const AreaGeometry& g = area.geometry;
+    const std::string name = area.name;
+    if (g.count == 0 || g.count > kMaxSlots)
+      return name + ".count " + std::to_string(g.count) + " is outside 1 to " + std::to_string(kMaxSlots);
+    if (g.slot_size < area.minimum_slot || g.slot_size % kLineSize != 0)
+      return name + ".slot_size " + std::to_string(g.slot_size) + " is below " + std::to_string(area.minimum_slot) +
+             " or not a multiple of 64";
+    if (g.offset % kPageSize != 0)
+      return name + ".offset " + std::to_string(g.offset) + " is not a multiple of 4096";
+    std::uint64_t bytes = 0, end = 0;
+    if (__builtin_mul_overflow(std::uint64_t{g.slot_size}, std::uint64_t{g.count}, &bytes))
+      return name + ".count " + std::to_string(g.count) + " × slot_size " + std::to_string(g.slot_size) +
+             " overflows 64 bits";
+    if (__builtin_add_overflow(g.offset, bytes, &end))
+      return name + ".offset " + std::to_string(g.offset) + " + " + std::to_string(bytes) +
+             " bytes of slots overflows 64 bits";
+    if (end > sb.region_size)
+      return name + ".offset " + std::to_string(g.offset) + " + " + std::to_string(g.count) + " slots × " +
+             std::to_string(g.slot_size) + " bytes ends at " + std::to_string(end) + ", past region_size " +
+             std::to_string(sb.region_size);
+    extents.push_back({area.offset_field, g.offset, end});
   }
-  if (end > sb.region_size)
-    return "areas end at " + std::to_string(end) + " bytes, past the formatted size " + std::to_string(sb.region_size);
+  for (std::size_t i = 0; i < extents.size(); ++i)
+    for (std::size_t j = i + 1; j < extents.size(); ++j)
+      if (overlap(extents[i], extents[j]))
+        return range_text(extents[j]) + " overlaps the " + (i == 0 ? std::string("superblock page [0, 4096)")
+                                                                    : range_text(extents[i]));
   if (sb.region_size > mapped)
-    return "formatted for " + std::to_string(sb.region_size) + " bytes but the mapping has only " + std::to_string(mapped);
+    return "region_size " + std::to_string(sb.region_size) + " is larger than the mapping's " + std::to_string(mapped) +
+           " bytes";
   return {};
 }
 
@@ -189,7 +271,8 @@ Transport::Transport(Region region) : region_(std::move(region)) {
   if (auto problem = geometry_problem(sb, region_.size()); !problem.empty()) {
     if (sb.region_size > region_.size())
       throw Error(where + ": geometry larger than the mapping: " + problem);
-    throw Error(where + ": inconsistent geometry: " + problem);
+    throw Error(where + ": inconsistent geometry: " + problem + " — cbd never formats this; reformat with `cbd-proxy format transport=" +
+                region_.path() + " force` once nothing uses it");
   }
   mode_.checksum = sb.features_incompat & kFeatureChecksum;
   mode_.flush = sb.features_incompat & kFeatureFlush;

@@ -11,6 +11,10 @@
 //       Breaks the superblock in one way: a wrong magic, a flipped byte the
 //       checksum no longer covers, or a channel count too large for the
 //       mapping with a matching checksum.
+//   cbd-scribble TRANSPORT forge FIELD=VALUE...
+//       Forges the superblock: sets each named geometry field (hosts.offset,
+//       channels.count, region_size, heartbeat_interval_ms, ...) and
+//       recomputes the checksum, as a hostile peer could.
 #include <unistd.h>
 
 #include <chrono>
@@ -40,7 +44,8 @@ struct Span {
 int usage() {
   std::fprintf(stderr,
                "usage: cbd-scribble TRANSPORT scribble SECONDS [SEED [control,rings,data,slots]]\n"
-               "       cbd-scribble TRANSPORT superblock magic|checksum|geometry\n");
+               "       cbd-scribble TRANSPORT superblock magic|checksum|geometry\n"
+               "       cbd-scribble TRANSPORT forge FIELD=VALUE...\n");
   return 2;
 }
 
@@ -61,6 +66,50 @@ int break_superblock(const std::string& path, const std::string& how) {
   }
   std::memcpy(region.base(), &sb, sizeof sb);
   std::printf("superblock of %s: %s broken\n", path.c_str(), how.c_str());
+  return 0;
+}
+
+// Sets one named superblock field; false when the name is unknown.
+bool set_field(Superblock& sb, const std::string& field, std::uint64_t value) {
+  auto u32 = [&](std::uint32_t& f) { f = static_cast<std::uint32_t>(value); };
+  struct Area {
+    const char* name;
+    AreaGeometry* area;
+  };
+  for (Area a : {Area{"hosts", &sb.hosts}, Area{"backends", &sb.backends}, Area{"blkdevs", &sb.blkdevs},
+                 Area{"channels", &sb.channels}}) {
+    const std::string prefix = std::string(a.name) + ".";
+    if (field == prefix + "offset") return a.area->offset = value, true;
+    if (field == prefix + "slot_size") return u32(a.area->slot_size), true;
+    if (field == prefix + "count") return u32(a.area->count), true;
+  }
+  if (field == "region_size") return sb.region_size = value, true;
+  if (field == "heartbeat_interval_ms") return u32(sb.heartbeat_interval_ms), true;
+  if (field == "dead_after_ms") return u32(sb.dead_after_ms), true;
+  if (field == "channel.sq_offset") return u32(sb.channel.sq_offset), true;
+  if (field == "channel.cq_offset") return u32(sb.channel.cq_offset), true;
+  if (field == "channel.data_offset") return sb.channel.data_offset = value, true;
+  if (field == "channel.data_size") return sb.channel.data_size = value, true;
+  return false;
+}
+
+int forge_superblock(const std::string& path, int count, char** assignments) {
+  Region region = Region::open(path);
+  Superblock sb;
+  std::memcpy(&sb, region.base(), sizeof sb);
+  for (int i = 0; i < count; ++i) {
+    const std::string assignment = assignments[i];
+    const auto equals = assignment.find('=');
+    if (equals == std::string::npos) return usage();
+    const std::string field = assignment.substr(0, equals);
+    if (!set_field(sb, field, std::stoull(assignment.substr(equals + 1), nullptr, 0))) {
+      std::fprintf(stderr, "cbd-scribble: unknown superblock field %s\n", field.c_str());
+      return 2;
+    }
+  }
+  sb.checksum = 0;
+  sb.checksum = crc32c(0, &sb, sizeof sb);
+  std::memcpy(region.base(), &sb, sizeof sb);
   return 0;
 }
 
@@ -122,6 +171,7 @@ int main(int argc, char** argv) {
     if (argc < 4) return usage();
     const std::string path = argv[1], command = argv[2];
     if (command == "superblock") return break_superblock(path, argv[3]);
+    if (command == "forge") return forge_superblock(path, argc - 3, argv + 3);
     if (command == "scribble")
       return scribble(path, std::stod(argv[3]), argc > 4 ? std::stoull(argv[4]) : 1,
                       argc > 5 ? argv[5] : "control,rings,data,slots");

@@ -428,3 +428,83 @@ TEST_CASE("transport: read_name/write_name never run past the field") {
   write_name(field, "");
   CHECK(read_name(field).empty());
 }
+
+// A peer can recompute CRC32C, so a superblock with a valid checksum is still
+// input: each forged geometry must be refused, with a message of its own
+// that names the field and its value, before anything is mapped through it.
+TEST_CASE("transport: forged superblocks with valid checksums are refused, each with its own message") {
+  ShmFile file("forged");
+  const std::uint64_t size = 4 << 20;
+  {
+    Region region = create_region(file, size);
+    format(region, cbd::test::small_options());
+  }
+  const Superblock good = read_superblock(file.path());
+  REQUIRE(attach_error(file.path()).empty());
+
+  struct Forgery {
+    const char* what;
+    void (*forge)(Superblock&);
+    const char* expected;  // a piece of the message: the field it names
+    std::string value;     // the forged value, as the message must print it
+  };
+  const Forgery forgeries[] = {
+      {"an area offset near 2^64", [](Superblock& sb) { sb.hosts.offset = ~std::uint64_t{0} - 4095; },
+       "hosts.offset", std::to_string(~std::uint64_t{0} - 4095)},
+      {"a channel area offset near 2^64", [](Superblock& sb) { sb.channels.offset = ~std::uint64_t{0} - 4095; },
+       "channels.offset", std::to_string(~std::uint64_t{0} - 4095)},
+      {"overlapping areas", [](Superblock& sb) { sb.blkdevs.offset = sb.backends.offset; }, "overlaps the backends.offset",
+       ""},
+      {"an area over the superblock", [](Superblock& sb) { sb.hosts.offset = 0; }, "overlaps the superblock", ""},
+      {"count × slot size past the region",
+       [](Superblock& sb) {
+         sb.channels.count = 4096;
+         sb.channels.slot_size = 0xffffffc0u;
+       },
+       "channels.offset", "4096 slots"},
+      {"a region smaller than its areas", [](Superblock& sb) { sb.region_size = sb.channels.offset + 4096; },
+       "past region_size", ""},
+      {"heartbeat 0x80000001, dead-after 2",
+       [](Superblock& sb) {
+         sb.heartbeat_interval_ms = 0x80000001u;
+         sb.dead_after_ms = 2;
+       },
+       "heartbeat_interval_ms", std::to_string(0x80000001u)},
+      {"dead-after below twice the heartbeat", [](Superblock& sb) { sb.dead_after_ms = sb.heartbeat_interval_ms; },
+       "dead_after_ms", std::to_string(good.heartbeat_interval_ms)},
+      {"a submission ring over the control block", [](Superblock& sb) { sb.channel.sq_offset = 64; },
+       "channel.sq_offset [64,", ""},
+      {"a data area past the channel", [](Superblock& sb) { sb.channel.data_offset = sb.channels.slot_size; },
+       "runs past the end of the channel", ""},
+  };
+  std::set<std::string> messages;
+  for (const Forgery& forgery : forgeries) {
+    CAPTURE(forgery.what);
+    Superblock sb = good;
+    forgery.forge(sb);
+    write_superblock(file.path(), sb, true);
+    const std::string message = attach_error(file.path());
+    CAPTURE(message);
+    CHECK(message.find(file.path()) != std::string::npos);
+    CHECK(message.find(forgery.expected) != std::string::npos);
+    if (!forgery.value.empty()) CHECK(message.find(forgery.value) != std::string::npos);
+    CHECK(message.find("checksum") == std::string::npos);
+    messages.insert(message);
+  }
+  CHECK(messages.size() == std::size(forgeries));
+  write_superblock(file.path(), good, false);
+  CHECK(attach_error(file.path()).empty());
+}
+
+TEST_CASE("transport: format refuses heartbeat and dead-after values outside their ranges") {
+  ShmFile file("timing");
+  Region region = create_region(file, 4 << 20);
+  FormatOptions o = cbd::test::small_options();
+  o.heartbeat_interval_ms = 5;
+  CHECK(error_of([&] { format(region, o); }).find("heartbeat_interval_ms 5") != std::string::npos);
+  o.heartbeat_interval_ms = 100;
+  o.dead_after_ms = 700'000;
+  CHECK(error_of([&] { format(region, o); }).find("dead_after_ms 700000") != std::string::npos);
+  o.dead_after_ms = 200;
+  CHECK(error_of([&] { format(region, o); }).empty());
+}
