@@ -126,14 +126,18 @@ int run_connect(const Parameters& p) {
     if (child < 0) throw_errno("fork");
     if (child > 0) {
       // Wait for the child to report readiness through the pidfile or die.
+      // The parent leaves with _exit(): the listeners, the unix socket path
+      // and the server's stop pipe are the child's now, and running their
+      // destructors here would stop the child's server (and unlink its
+      // socket).
       std::string pidfile = p.text("pidfile", "");
       for (int i = 0; i < 600; ++i) {
         int status = 0;
-        if (::waitpid(child, &status, WNOHANG) == child) return 1;
-        if (pidfile.empty() || ::access(pidfile.c_str(), F_OK) == 0) return 0;
+        if (::waitpid(child, &status, WNOHANG) == child) ::_exit(1);
+        if (pidfile.empty() || ::access(pidfile.c_str(), F_OK) == 0) ::_exit(0);
         ::usleep(50000);
       }
-      return 0;
+      ::_exit(0);
     }
     ::setsid();
     int null = ::open("/dev/null", O_RDWR);
