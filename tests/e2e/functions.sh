@@ -27,11 +27,14 @@ TEST_DIR=$(mktemp -d "${TMPDIR:-/tmp}/cbd-$TEST_NAME.XXXXXX")
 # and nbdkit is not instrumented: every nbdkit this test starts (directly,
 # under timeout, or from a script) goes through a wrapper that preloads it.
 # Leak checking stays on for our own programs; nbdkit's exit is not ours.
+# nbdkit is C: libstdc++ is preloaded with the runtime, or ASan's
+# __cxa_throw interceptor finds no real function to call and aborts the
+# first time the plugin throws (a refused transport, say).
 if [[ -n ${CBD_SANITIZER_RUNTIME:-} && -f ${CBD_SANITIZER_RUNTIME:-} ]]; then
     mkdir -p "$TEST_DIR/bin"
     cat >"$TEST_DIR/bin/nbdkit" <<WRAPPER
 #!/bin/sh
-LD_PRELOAD=$CBD_SANITIZER_RUNTIME ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 exec $(command -v nbdkit) "\$@"
+LD_PRELOAD="$CBD_SANITIZER_RUNTIME libstdc++.so.6" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 exec $(command -v nbdkit) "\$@"
 WRAPPER
     chmod +x "$TEST_DIR/bin/nbdkit"
     PATH=$TEST_DIR/bin:$PATH
