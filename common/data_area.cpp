@@ -1,6 +1,7 @@
 #include "common/data_area.hpp"
 
 #include <bit>
+#include <iterator>
 #include <stdexcept>
 
 namespace cbd {
@@ -10,6 +11,7 @@ DataAreaAllocator::DataAreaAllocator(std::uint64_t size, std::uint32_t alignment
   if (!std::has_single_bit(alignment)) throw std::invalid_argument("alignment must be a power of two");
   if (size > 0xffffffffull) throw std::invalid_argument("data areas are addressed with 32-bit offsets");
   size_ -= size_ % alignment_;
+  if (size_ > 0) free_.emplace(0, size_);
 }
 
 std::optional<std::uint32_t> DataAreaAllocator::allocate(std::uint32_t length) {
@@ -18,42 +20,42 @@ std::optional<std::uint32_t> DataAreaAllocator::allocate(std::uint32_t length) {
   std::uint64_t rounded = (std::uint64_t{length} + alignment_ - 1) & ~std::uint64_t{alignment_ - 1};
   if (rounded == 0) rounded = alignment_;
   if (rounded > size_) return std::nullopt;
-  std::uint64_t place;
-  if (extents_.empty()) {
-    place = 0;  // everything is free: start over at the beginning
-  } else {
-    std::uint64_t tail = extents_.front().offset;
-    if (head_ > tail) {
-      // Live extents occupy [tail, head_); free are [head_, size_) and [0, tail).
-      if (size_ - head_ >= rounded) {
-        place = head_;
-      } else if (tail >= rounded) {
-        place = 0;  // wrap; [head_, size_) stays unused until the ring passes it
-      } else {
-        return std::nullopt;
-      }
-    } else {
-      // Live extents wrap around; free is [head_, tail) (empty when equal: full).
-      if (tail - head_ < rounded) return std::nullopt;
-      place = head_;
-    }
+  for (auto range = free_.begin(); range != free_.end(); ++range) {
+    if (range->second < rounded) continue;
+    const std::uint64_t place = range->first;
+    const std::uint64_t left = range->second - rounded;
+    free_.erase(range);
+    if (left > 0) free_.emplace(place + rounded, left);
+    live_extents_.emplace(place, rounded);
+    ++live_;
+    return static_cast<std::uint32_t>(place);
   }
-  extents_.push_back({static_cast<std::uint32_t>(place), static_cast<std::uint32_t>(rounded), false});
-  head_ = place + rounded;
-  ++live_;
-  return static_cast<std::uint32_t>(place);
+  return std::nullopt;
 }
 
 bool DataAreaAllocator::release(std::uint32_t offset) {
-  for (auto& extent : extents_) {
-    if (extent.offset == offset && !extent.released) {
-      extent.released = true;
-      --live_;
-      while (!extents_.empty() && extents_.front().released) extents_.pop_front();
-      return true;
+  auto extent = live_extents_.find(offset);
+  if (extent == live_extents_.end()) return false;
+  std::uint64_t start = extent->first;
+  std::uint64_t length = extent->second;
+  live_extents_.erase(extent);
+  --live_;
+  // Coalesce with the free neighbours on both sides.
+  auto after = free_.lower_bound(start);
+  if (after != free_.end() && after->first == start + length) {
+    length += after->second;
+    after = free_.erase(after);
+  }
+  if (after != free_.begin()) {
+    auto before = std::prev(after);
+    if (before->first + before->second == start) {
+      start = before->first;
+      length += before->second;
+      free_.erase(before);
     }
   }
-  return false;
+  free_.emplace(start, length);
+  return true;
 }
 
 }  // namespace cbd

@@ -2,15 +2,16 @@
 // only; the data area is private to the process that owns the channel, so no
 // shared state is involved).
 //
-// Extents are handed out ring-style — contiguous, in address order, wrapping
-// to the start when the end has no room — and may be released in any order.
-// Space is reclaimed when the oldest extent is released, which is the same
-// discipline as the completion order of a queue with mostly in-order
-// completions, and never fragments beyond one wasted tail at the wrap.
+// Address-ordered first fit over a list of free ranges, coalesced on
+// release.  An extent's space is free again the moment it is released,
+// whatever is older: a request that holds its extent for long (a WRITE whose
+// payload stops arriving, a reply its client does not read) pins only its
+// own bytes, never the space behind it (docs/design.md, isolation bounds of
+// an NbdSession).
 #pragma once
 
 #include <cstdint>
-#include <deque>
+#include <map>
 #include <optional>
 
 namespace cbd {
@@ -34,15 +35,10 @@ class DataAreaAllocator {
   std::size_t outstanding() const { return live_; }
 
  private:
-  struct Extent {
-    std::uint32_t offset;
-    std::uint32_t length;  // rounded to the alignment
-    bool released;
-  };
   std::uint64_t size_ = 0;
   std::uint32_t alignment_ = 1;
-  std::uint64_t head_ = 0;  // where the next extent goes
-  std::deque<Extent> extents_;  // oldest first
+  std::map<std::uint64_t, std::uint64_t> free_;  // offset -> length, disjoint, never adjacent
+  std::map<std::uint64_t, std::uint64_t> live_extents_;  // offset -> length (rounded)
   std::size_t live_ = 0;
 };
 

@@ -93,61 +93,48 @@ TEST_CASE("data area: full returns nullopt, and oversize never succeeds") {
   CHECK(a.allocate(16 * K));
 }
 
-TEST_CASE("data area: out-of-order release reclaims space only when the oldest goes") {
+TEST_CASE("data area: a released extent is free at once, whatever older extent is still held") {
+  // Isolation: a request that holds its extent for long (a stalled WRITE
+  // payload, an unread reply) must pin only its own bytes.
   DataAreaAllocator a(16 * K, 4096);
   auto e0 = *a.allocate(4096), e1 = *a.allocate(4096), e2 = *a.allocate(4096), e3 = *a.allocate(4096);
   CHECK_FALSE(a.allocate(4096));
-  // Younger extents completing first free nothing yet...
-  CHECK(a.release(e2));
-  CHECK_FALSE(a.allocate(4096));
+  CHECK(a.release(e2));  // e0, the oldest, stays held
+  auto again = a.allocate(4096);
+  REQUIRE(again);
+  CHECK(*again == e2);
   CHECK(a.release(e1));
+  CHECK(a.release(*again));
+  // e1 and e2 coalesce: one 8 KiB extent fits between e0 and e3.
+  auto pair = a.allocate(8192);
+  REQUIRE(pair);
+  CHECK(*pair == e1);
   CHECK_FALSE(a.allocate(4096));
-  CHECK(a.outstanding() == 2);
-  // ...the oldest going frees it and every released one behind it.
   CHECK(a.release(e0));
-  CHECK(a.outstanding() == 1);
-  auto n0 = a.allocate(4096), n1 = a.allocate(4096), n2 = a.allocate(4096);
-  REQUIRE(n0);
-  REQUIRE(n1);
-  REQUIRE(n2);
-  CHECK(*n0 == e0);
-  CHECK(*n1 == e1);
-  CHECK(*n2 == e2);
-  CHECK_FALSE(a.allocate(4096));  // e3 still live
   CHECK(a.release(e3));
-  CHECK(a.allocate(4096));
+  CHECK(a.release(*pair));
+  CHECK(a.outstanding() == 0);
+  CHECK(a.allocate(16 * K) == std::optional<std::uint32_t>(0));  // everything coalesced again
+  CHECK_FALSE(a.release(e3));  // twice: refused
 }
 
-TEST_CASE("data area: extents wrap to the start when the end has no room") {
+TEST_CASE("data area: first fit takes the lowest range that is large enough") {
   DataAreaAllocator a(64 * K, 4096);
   std::vector<std::uint32_t> e;
-  for (int i = 0; i < 5; ++i) e.push_back(*a.allocate(8 * K));  // [0, 40K)
-  for (int i = 0; i < 3; ++i) CHECK(a.release(e[i]));              // live [24K, 40K)
-  auto tail_piece = a.allocate(16 * K);
-  REQUIRE(tail_piece);
-  CHECK(*tail_piece == 40 * K);  // fits before the end: [40K, 56K)
-  auto wrapped = a.allocate(16 * K);
-  REQUIRE(wrapped);
-  CHECK(*wrapped == 0);  // 8K left at the end is too small: wrap
-  auto next = a.allocate(8 * K);
-  REQUIRE(next);
-  CHECK(*next == 16 * K);  // [16K, 24K) up to the oldest live extent
-  CHECK_FALSE(a.allocate(1));  // [56K, 64K) is skipped until the ring passes it
-  // Releasing the two oldest (24K..40K) frees up to the 40K extent.
-  CHECK(a.release(e[3]));
+  for (int i = 0; i < 8; ++i) e.push_back(*a.allocate(8 * K));  // the whole area
+  CHECK(a.release(e[1]));  // hole of 8K at 8K
   CHECK(a.release(e[4]));
-  auto more = a.allocate(16 * K);
-  REQUIRE(more);
-  CHECK(*more == 24 * K);
-  CHECK_FALSE(a.allocate(1));
-  // Release in reverse order; nothing reclaimed until the oldest ([40K]) goes.
-  CHECK(a.release(*more));
-  CHECK(a.release(*next));
-  CHECK(a.release(*wrapped));
-  CHECK_FALSE(a.allocate(1));
-  CHECK(a.release(*tail_piece));
-  CHECK(a.outstanding() == 0);
-  CHECK(a.allocate(64 * K) == std::optional<std::uint32_t>(0));
+  CHECK(a.release(e[5]));  // hole of 16K at 32K
+  auto big = a.allocate(16 * K);
+  REQUIRE(big);
+  CHECK(*big == 32 * K);
+  auto small = a.allocate(4 * K);
+  REQUIRE(small);
+  CHECK(*small == 8 * K);
+  CHECK_FALSE(a.allocate(8 * K));  // 4K left at 12K only
+  auto last = a.allocate(4 * K);
+  REQUIRE(last);
+  CHECK(*last == 12 * K);
 }
 
 TEST_CASE("data area: randomized model check") {
