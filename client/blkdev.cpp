@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <thread>
 
 #include "common/error.hpp"
 #include "common/log.hpp"
@@ -77,46 +79,59 @@ Blkdev::Blkdev(const Transport& transport, const BlkdevOptions& options)
   if (options.readonly) info_.caps |= kCapReadOnly;
   bound_epoch_ = epoch;
 
-  host_ = claim_first_free(transport.host_count(), &Transport::host, transport, kNoSlot);
-  if (!host_) throw Error(where + ": no free host slot — run `cbd-proxy gc` to reclaim dead ones");
-  write_name(transport.host(host_.index()).hostname, options.hostname.empty() ? local_hostname() : options.hostname);
-  blkdev_ = claim_first_free(transport.blkdev_count(), &Transport::blkdev, transport, host_.index());
-  if (!blkdev_) throw Error(where + ": no free blkdev slot — run `cbd-proxy gc` to reclaim dead ones");
-  BlkdevSlot& blkdev = transport.blkdev(blkdev_.index());
-  store_relaxed(blkdev.backend_id, options.backend_id);
-  store_relaxed(blkdev.backend_epoch, epoch);
-  store_relaxed(blkdev.kernel_device, 0u);  // a former owner killed while serving /dev/nbdN left it set
+  {
+    std::lock_guard lock(claims_mutex_);
+    host_ = claim_first_free(transport.host_count(), &Transport::host, transport, kNoSlot);
+    if (!host_) throw Error(where + ": no free host slot — run `cbd-proxy gc` to reclaim dead ones");
+    write_name(transport.host(host_.index()).hostname,
+               options.hostname.empty() ? local_hostname() : options.hostname);
+    blkdev_ = claim_first_free(transport.blkdev_count(), &Transport::blkdev, transport, host_.index());
+    if (!blkdev_) throw Error(where + ": no free blkdev slot — run `cbd-proxy gc` to reclaim dead ones");
+    BlkdevSlot& blkdev = transport.blkdev(blkdev_.index());
+    store_relaxed(blkdev.backend_id, options.backend_id);
+    store_relaxed(blkdev.backend_epoch, epoch);
+    store_relaxed(blkdev.kernel_device, 0u);  // a former owner killed while serving /dev/nbdN left it set
+    blkdev_index_.store(blkdev_.index());
+  }
 
   // Heartbeats start before binding: the backend judges our channels by them.
   heartbeat_ = std::make_unique<PeriodicThread>(
       std::chrono::milliseconds(transport.superblock().heartbeat_interval_ms), [this] { beat(); });
 
   std::vector<SlotClaim> channels;
-  for (std::uint32_t i = 0; i < transport.channel_count() && channels.size() < options.queues; ++i) {
-    SlotHeader& header = transport.channel_control(i).header;
-    if (auto word = try_claim(header, host_.index())) channels.emplace_back(&header, i, *word);
+  for (std::uint32_t i = 0; i < options.queues; ++i) {
+    auto claim = claim_channel(host_.index());
+    if (!claim) break;
+    channels.push_back(std::move(*claim));
   }
   if (channels.empty())
     throw Error(where + ": no free channel — every channel is in use; run `cbd-proxy gc` or format with more channels");
   if (channels.size() < options.queues)
     log(LogLevel::Warning, "only %zu of %u channels were free; serving with %zu queues", channels.size(),
         options.queues, channels.size());
-  store_relaxed(blkdev.queue_count, static_cast<std::uint32_t>(channels.size()));
+  store_relaxed(transport.blkdev(blkdev_.index()).queue_count, static_cast<std::uint32_t>(channels.size()));
 
-  Binding binding{options.backend_id, blkdev_.index(), epoch};
   for (SlotClaim& claim : channels) {
-    auto queue = std::make_shared<ChannelQueue>(transport, std::move(claim), info_, options.poll);
-    queues_.push_back(queue);
-    std::lock_guard lock(beats_mutex_);
-    channel_beats_.push_back({&queue->claim().header(), queue->claim().word(), initial_heartbeat(queue->claim().word())});
+    {
+      std::lock_guard lock(claims_mutex_);
+      channel_beats_.push_back({&claim.header(), claim.index(), claim.word(), initial_heartbeat(claim.word())});
+    }
+    auto engine = std::make_unique<ChannelEngine>(transport, std::move(claim));
+    loops_.push_back(std::make_unique<QueueLoop>(std::move(engine), info_, loop_options()));
   }
-  for (auto& queue : queues_) {
+  set_up_at_ = std::chrono::steady_clock::now();
+  for (auto& loop : loops_) loop->set_up(binding());
+  const auto deadline = std::chrono::steady_clock::now() + options.attach_timeout;
+  for (std::size_t q = 0; q < loops_.size(); ++q) {
+    while (!loops_[q]->attached() && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
     // The handlers cannot answer a refusal through shared memory: a backend
     // that does not serve this host (allow-hosts=) simply never attaches.
     // Name that cause and the host name it judges by.
-    if (!queue->bind(binding, options.attach_timeout))
+    if (!loops_[q]->attached())
       throw Error(where + ": backend " + std::to_string(options.backend_id) + " did not attach channel " +
-                  std::to_string(queue->index()) + " within " + std::to_string(options.attach_timeout.count()) +
+                  std::to_string(channel_beats_[q].index) +
+                  " within " + std::to_string(options.attach_timeout.count()) +
                   " ms — if it was started with allow-hosts=, this host (\"" +
                   read_name(transport.host(host_.index()).hostname) +
                   "\") is not in the list (set hostname= or extend allow-hosts=); otherwise its handlers are stuck");
@@ -128,49 +143,133 @@ Blkdev::~Blkdev() {
   watcher_.reset();
   // Queues finish what is in flight and release their channels; then the
   // heartbeat stops and the blkdev and host slots are released.
-  queues_.clear();
+  loops_.clear();
   heartbeat_.reset();
 }
 
-std::shared_ptr<RequestTarget> Blkdev::next_target() {
-  return queues_[next_queue_.fetch_add(1) % queues_.size()];
+QueueLoopOptions Blkdev::loop_options() const {
+  QueueLoopOptions loop;
+  loop.spin_us = options_.spin_us;
+  loop.max_sleep_us = options_.max_sleep_us;
+  loop.payload_timeout = options_.payload_timeout;
+  // docs/design.md §5: a channel with entries in flight and no completion
+  // for max(5 s, 5 x dead-after) is set up again and re-driven.
+  loop.stall_timeout = std::chrono::milliseconds(std::max(5000u, 5 * transport_.superblock().dead_after_ms));
+  return loop;
+}
+
+Binding Blkdev::binding() const {
+  return Binding{options_.backend_id, blkdev_index_.load(), bound_epoch_};
+}
+
+std::optional<SlotClaim> Blkdev::claim_channel(std::uint32_t owner_host) {
+  for (std::uint32_t i = 0; i < transport_.channel_count(); ++i) {
+    SlotHeader& header = transport_.channel_control(i).header;
+    if (auto word = try_claim(header, owner_host)) return SlotClaim(&header, i, *word);
+  }
+  return std::nullopt;
+}
+
+void Blkdev::adopt(AdoptedConnection connection) {
+  loops_[next_queue_.fetch_add(1) % loops_.size()]->adopt(std::move(connection));
+}
+
+void Blkdev::shutdown_connections() {
+  for (auto& loop : loops_) loop->shutdown_connections();
 }
 
 void Blkdev::beat() {
+  std::lock_guard lock(claims_mutex_);
   host_.beat();
   blkdev_.beat();
-  // Not through queues_: the destructor clears it (each queue draining, then
-  // releasing its channel) while this thread keeps beating the channels that
-  // are left; a released channel is no longer ours to beat.
-  std::lock_guard lock(beats_mutex_);
   for (ChannelBeat& channel : channel_beats_) cbd::beat(*channel.header, channel.word, channel.last);
 }
 
+bool Blkdev::reclaim_lost(const std::vector<bool>& channel_lost, bool host_lost, bool blkdev_lost) {
+  std::lock_guard lock(claims_mutex_);
+  if (host_lost) {
+    SlotClaim host = claim_first_free(transport_.host_count(), &Transport::host, transport_, kNoSlot);
+    if (!host) return false;
+    write_name(transport_.host(host.index()).hostname,
+               options_.hostname.empty() ? local_hostname() : options_.hostname);
+    host_ = std::move(host);
+  }
+  bool blkdev_changed = false;
+  if (blkdev_lost) {
+    SlotClaim blkdev = claim_first_free(transport_.blkdev_count(), &Transport::blkdev, transport_, host_.index());
+    if (!blkdev) return false;
+    BlkdevSlot& slot = transport_.blkdev(blkdev.index());
+    store_relaxed(slot.backend_id, options_.backend_id);
+    store_relaxed(slot.backend_epoch, bound_epoch_);
+    store_relaxed(slot.kernel_device, 0u);
+    store_relaxed(slot.queue_count, static_cast<std::uint32_t>(loops_.size()));
+    blkdev_ = std::move(blkdev);
+    blkdev_index_.store(blkdev_.index());
+    blkdev_changed = true;
+  }
+  bool complete = true;
+  for (std::size_t q = 0; q < loops_.size(); ++q) {
+    if (channel_lost[q]) {
+      auto claim = claim_channel(host_.index());
+      if (!claim) {
+        complete = false;
+        continue;
+      }
+      channel_beats_[q] = {&claim->header(), claim->index(), claim->word(), initial_heartbeat(claim->word())};
+      loops_[q]->replace_channel(std::make_unique<ChannelEngine>(transport_, std::move(*claim)), binding());
+    } else if (blkdev_changed) {
+      loops_[q]->set_up(binding());
+    }
+  }
+  set_up_at_ = std::chrono::steady_clock::now();
+  return complete;
+}
+
 void Blkdev::watch_backend() {
+  const auto now = std::chrono::steady_clock::now();
   // A process stalled for longer than dead-after-ms (SIGSTOP, a paused VM,
   // an overloaded machine) is judged dead and its slots are reclaimed, by
   // the backend or by `cbd-proxy gc`, and may be claimed by someone else.
-  // Using a reclaimed channel would share it with its new owner: stop for
-  // good and fail every request instead.
-  if (lost_) return;
-  bool owned = host_.owned() && blkdev_.owned();
-  for (auto& queue : queues_) owned = owned && queue->claim().owned();
-  if (!owned) {
-    log(LogLevel::Error, "blkdev %u: our slots were reclaimed (this process was judged dead: stalled for over %u ms?); "
-        "failing every request with EIO — restart cbd-proxy", blkdev_.index(), transport_.superblock().dead_after_ms);
-    for (auto& queue : queues_) queue->fail_outstanding(EIO);
-    lost_ = true;
+  // The fences keep us off them; here we claim new ones and carry on.
+  std::vector<bool> channel_lost(loops_.size());
+  bool host_lost, blkdev_lost, any_lost;
+  {
+    std::lock_guard lock(claims_mutex_);
+    host_lost = !host_.owned();
+    blkdev_lost = !blkdev_.owned();
+    any_lost = host_lost || blkdev_lost;
+    for (std::size_t q = 0; q < loops_.size(); ++q) {
+      channel_lost[q] = loops_[q]->lost() || !still_owned(*channel_beats_[q].header, channel_beats_[q].word);
+      any_lost = any_lost || channel_lost[q];
+    }
+  }
+  if (any_lost) {
+    if (!lost_since_) {
+      lost_since_ = now;
+      log(LogLevel::Error,
+          "blkdev %u: our slots were reclaimed (this process was judged dead: stalled for over %u ms?); claiming new "
+          "ones and moving outstanding requests to them", index(), transport_.superblock().dead_after_ms);
+    }
+    if (reclaim_lost(channel_lost, host_lost, blkdev_lost)) {
+      log(LogLevel::Info, "blkdev %u: serving again on new slots", index());
+      lost_since_.reset();
+      failed_ = false;
+    } else if (!failed_ && now - *lost_since_ >= options_.backend_timeout) {
+      log(LogLevel::Error, "blkdev %u: no free slots to move to within %lld ms; failing outstanding and new requests "
+          "with EIO", index(), static_cast<long long>(options_.backend_timeout.count()));
+      for (auto& loop : loops_) loop->fail_outstanding(EIO);
+      failed_ = true;
+    }
     return;
   }
+
   const BackendSlot& slot = transport_.backend(options_.backend_id);
   Liveness liveness = backend_observer_.observe(options_.backend_id, slot.header);
   std::uint64_t epoch = 0;
   auto exported = read_backend_export(transport_, options_.backend_id, &epoch);
-  auto now = std::chrono::steady_clock::now();
 
   if (exported && liveness == Liveness::Alive && epoch != bound_epoch_) {
     if (exported->size != info_.size) {
-      if (!backend_gone_since_) backend_gone_since_ = now;
       static RateLimit size_log(std::chrono::seconds(10));
       if (size_log.allow())
         log(LogLevel::Error, "backend %u came back with size %llu instead of %llu; not re-attaching",
@@ -178,19 +277,31 @@ void Blkdev::watch_backend() {
             static_cast<unsigned long long>(info_.size));
     } else {
       log(LogLevel::Info, "backend %u restarted (epoch %llu); re-attaching %zu channels", options_.backend_id,
-          static_cast<unsigned long long>(epoch), queues_.size());
-      bool all = true;
-      for (auto& queue : queues_) all = queue->rebind(epoch, options_.attach_timeout) && all;
-      if (all) {
-        bound_epoch_ = epoch;
-        store_relaxed(transport_.blkdev(blkdev_.index()).backend_epoch, epoch);
-        backend_gone_since_.reset();
-        failed_ = false;
-        return;
+          static_cast<unsigned long long>(epoch), loops_.size());
+      bound_epoch_ = epoch;
+      {
+        std::lock_guard lock(claims_mutex_);
+        if (blkdev_.owned()) store_relaxed(transport_.blkdev(blkdev_.index()).backend_epoch, epoch);
       }
+      for (auto& loop : loops_) loop->set_up(binding());
+      set_up_at_ = now;
+      failed_ = false;
     }
   }
-  bool healthy = exported && liveness == Liveness::Alive && epoch == bound_epoch_;
+  const bool backend_up = exported && liveness == Liveness::Alive && epoch == bound_epoch_;
+  bool attached = true;
+  for (auto& loop : loops_) attached = attached && loop->attached();
+  if (backend_up && !attached && failed_) {
+    // We failed everything while it was away, and it came back as it was:
+    // set the channels up again (a new generation) to serve new requests.
+    log(LogLevel::Info, "backend %u is serving again; re-attaching %zu channels", options_.backend_id, loops_.size());
+    for (auto& loop : loops_) loop->set_up(binding());
+    set_up_at_ = now;
+    failed_ = false;
+  }
+  // A set-up is given attach-timeout= before it counts as the backend not
+  // serving.
+  const bool healthy = backend_up && (attached || now - set_up_at_ < options_.attach_timeout);
   if (healthy) {
     backend_gone_since_.reset();
     return;
@@ -203,7 +314,7 @@ void Blkdev::watch_backend() {
   if (!failed_ && now - *backend_gone_since_ >= options_.backend_timeout) {
     log(LogLevel::Error, "backend %u did not return within %lld ms; failing outstanding and new requests with EIO",
         options_.backend_id, static_cast<long long>(options_.backend_timeout.count()));
-    for (auto& queue : queues_) queue->fail_outstanding(EIO);
+    for (auto& loop : loops_) loop->fail_outstanding(EIO);
     failed_ = true;
   }
 }

@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 
@@ -12,7 +13,6 @@
 #include "client/kernel_device.hpp"
 #include "client/nbd_netlink.hpp"
 #include "client/nbd_server.hpp"
-#include "client/threaded_sink.hpp"
 #include "common/error.hpp"
 #include "common/log.hpp"
 #include "common/region.hpp"
@@ -38,8 +38,9 @@ const std::vector<ParameterSpec> kConnectParameters = {
     {"attach-timeout", "10", "seconds to wait for the backend to attach each channel"},
     {"handshake-timeout", "10", "seconds a new connection has to finish its NBD handshake before it is dropped"},
     {"max-connections", "256", "open NBD connections at most (handshaking or serving); more are refused"},
-    {"spin-us", "50", "completion polling: spin this long after activity"},
-    {"max-sleep-us", "1000", "completion polling: longest back-off sleep"},
+    {"payload-timeout", "30", "seconds a WRITE payload may stop arriving before its connection is dropped"},
+    {"spin-us", "50", "queue loops: keep polling this long after activity before waiting"},
+    {"max-sleep-us", "1000", "queue loops: longest wait while requests are in flight"},
     {"daemon", "", "fork into the background once serving"},
     {"pidfile", "", "write the serving process id here once ready"},
     {"verbose", "", "debug messages"},
@@ -73,8 +74,13 @@ int run_connect(const Parameters& p) {
   options.hostname = p.text("hostname", "");
   options.backend_timeout = std::chrono::milliseconds(p.number("timeout", 30) * 1000);
   options.attach_timeout = std::chrono::milliseconds(p.number("attach-timeout", 10) * 1000);
-  options.poll.spin_us = static_cast<std::uint32_t>(p.number("spin-us", options.poll.spin_us));
-  options.poll.max_sleep_us = static_cast<std::uint32_t>(p.number("max-sleep-us", options.poll.max_sleep_us));
+  const std::uint64_t payload_seconds = p.number("payload-timeout", 30);
+  if (payload_seconds == 0 || payload_seconds > 86400)
+    throw Error("payload-timeout=" + std::to_string(payload_seconds) + ": give clients 1 to 86400 seconds");
+  options.payload_timeout = std::chrono::milliseconds(payload_seconds * 1000);
+  options.spin_us = static_cast<std::uint32_t>(std::min<std::uint64_t>(p.number("spin-us", options.spin_us), 1000000));
+  options.max_sleep_us =
+      static_cast<std::uint32_t>(std::clamp<std::uint64_t>(p.number("max-sleep-us", options.max_sleep_us), 1, 100000));
   bool stdio = p.flag("stdio", false);
   bool activated = p.flag("socket-activation", false) || (!p.has("unix") && !p.has("port") && !stdio && std::getenv("LISTEN_FDS"));
   bool daemon = p.flag("daemon", false);
@@ -99,12 +105,8 @@ int run_connect(const Parameters& p) {
   if (limits.max_connections == 0) throw Error("max-connections=0: at least one connection is needed");
 
   std::unique_ptr<Blkdev> blkdev;
-  std::unique_ptr<ThreadedSink> sink;  // declared after blkdev: its connections end first
-  auto attach = [&] {
-    blkdev = std::make_unique<Blkdev>(transport, options);
-    sink = std::make_unique<ThreadedSink>(blkdev->info(), [&] { return blkdev->next_target(); });
-  };
-  NbdServer server([&]() -> ConnectionSink* { return sink.get(); }, limits);
+  auto attach = [&] { blkdev = std::make_unique<Blkdev>(transport, options); };
+  NbdServer server([&]() -> ConnectionSink* { return blkdev.get(); }, limits);
   if (stdio) {
     // Added once the blkdev is attached (below): the connection asks for
     // its queue as soon as it starts.
@@ -149,7 +151,7 @@ int run_connect(const Parameters& p) {
   }
 
   attach();
-  const ExportInfo& info = blkdev->info();
+  const ExportInfo info = blkdev->info();
   log(LogLevel::Info, "serving backend %u (export \"%s\", %llu bytes) as blkdev %u", options.backend_id,
       info.name.c_str(), static_cast<unsigned long long>(info.size), blkdev->index());
 
@@ -173,9 +175,8 @@ int run_connect(const Parameters& p) {
 
   server.serve();
   active_server = nullptr;
-  // serve() ended the handshakes; the sink ends the connections it serves,
-  // then releasing the blkdev frees its channels and slots.
-  sink.reset();
+  // serve() ended the handshakes; the blkdev's queues end the connections
+  // they serve (bounded), then its channels and slots are released.
   blkdev.reset();
   std::string pidfile = p.text("pidfile", "");
   if (!pidfile.empty()) ::unlink(pidfile.c_str());

@@ -18,7 +18,6 @@
 
 #include "client/nbd_handshake.hpp"
 #include "client/nbd_netlink.hpp"
-#include "client/threaded_sink.hpp"
 #include "common/error.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
@@ -140,9 +139,6 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
   const ExportInfo info = blkdev.info();
   const std::uint32_t queues = blkdev_options.queues;
   std::atomic<std::uint32_t> open_connections{queues};
-  // Declared after the blkdev: its threads hold the blkdev's queues, so it
-  // is destroyed (and joined) first.
-  ThreadedSink sink(info, [&] { return blkdev.next_target(); });
 
   HandshakeResult negotiated;
   negotiated.enter_transmission = true;
@@ -175,10 +171,10 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
       wake_main();
     };
     attachment.sockets.push_back(pair[0]);
-    sink.adopt(std::move(connection));
+    blkdev.adopt(std::move(connection));  // round-robin: one socket per queue
   }
 
-  nbd_netlink_connect(attachment);  // on failure the sink's destructor ends our ends
+  nbd_netlink_connect(attachment);  // on failure the blkdev's destructor ends our ends
   kernel_ends.clear();              // the kernel holds its own references
   BlkdevSlot& slot = transport.blkdev(blkdev.index());
   store_release(slot.kernel_device, options.index + 1);
@@ -227,7 +223,7 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
     if (open_connections.load() > 0) {
       log(LogLevel::Warning, "%s: the kernel kept %u socket(s) after NBD_CMD_DISCONNECT; closing them",
           device.c_str(), open_connections.load());
-      sink.shutdown_all();
+      blkdev.shutdown_connections();
     }
   } else {
     log(LogLevel::Info, "%s: the kernel detached it", device.c_str());

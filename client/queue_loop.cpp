@@ -53,7 +53,8 @@ struct QueueLoop::Command {
   Binding binding{};
   std::unique_ptr<ChannelEngine> fresh;
   int error = 0;
-  std::uint64_t request = 0;  // SetUp/Replace: its number in setups_requested_
+  std::uint64_t request = 0;      // SetUp/Replace: its number in setups_requested_
+  std::uint64_t replacement = 0;  // Replace: its number in replacements_requested_
 };
 
 struct QueueLoop::Served {
@@ -139,6 +140,7 @@ void QueueLoop::replace_channel(std::unique_ptr<ChannelEngine> fresh, Binding bi
     command.binding = binding;
     command.fresh = std::move(fresh);
     command.request = setups_requested_.fetch_add(1) + 1;
+    command.replacement = replacements_requested_.fetch_add(1) + 1;
     commands_.push_back(std::move(command));
   }
   wake();
@@ -288,6 +290,7 @@ bool QueueLoop::run_commands(Clock::time_point now) {
         engine_->adopt_outstanding(*old);
         old.reset();
         lost_.store(false);
+        replacements_done_.store(command.replacement);
         setup_request_running_ = command.request;
         if (!engine_->begin_setup(command.binding)) lost_.store(true);
         progress_at_ = now;

@@ -82,7 +82,10 @@ class QueueLoop {
   // The last set-up asked for has attached and nothing failed it since.
   bool attached() const;
   // The engine found its channel reclaimed; replace_channel() is awaited.
-  bool lost() const { return lost_.load(std::memory_order_acquire); }
+  // False as soon as replace_channel() was called.
+  bool lost() const {
+    return lost_.load(std::memory_order_acquire) && replacements_done_.load() == replacements_requested_.load();
+  }
   std::size_t connections() const { return connections_.load(std::memory_order_relaxed); }
   std::size_t outstanding() const { return outstanding_.load(std::memory_order_relaxed); }
   bool running() const { return !exited_.load(std::memory_order_acquire); }
@@ -133,6 +136,8 @@ class QueueLoop {
   std::atomic<std::uint64_t> setups_attached_{0};
   std::atomic<bool> engine_attached_{false};
   std::atomic<bool> lost_{false};
+  std::atomic<std::uint64_t> replacements_requested_{0};
+  std::atomic<std::uint64_t> replacements_done_{0};
   std::atomic<std::size_t> connections_{0};
   std::atomic<std::size_t> outstanding_{0};
   std::atomic<bool> exited_{false};

@@ -4,7 +4,7 @@
 // backend never judges them dead, pushes submission entries whose data
 // extents the test fills in the data area itself, and pops completions.
 //
-// It is deliberately much simpler than the proxy's ChannelQueue: no data
+// It is deliberately much simpler than the proxy's ChannelEngine: no data
 // area allocator, no splitting, no re-drive — each test places its own
 // extents, so what the backend sees is exactly what the test wrote.
 #pragma once

@@ -448,3 +448,83 @@ TEST_CASE("queue loop: stop ends within its limit even with a client that never 
   CHECK(took < QueueLoop::kStopLimit + std::chrono::seconds(2));
   CHECK(hog.closed());
 }
+
+TEST_CASE("queue loop: an adopted connection is served from its first byte, and on_closed runs once at DISC") {
+  LoopFixture f;
+  FakeHandler handler(f.transport, 0, f.disk, 1);
+  f.set_up(1);
+  std::atomic<int> closed{0};
+  int fds[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+  timeval timeout{10, 0};
+  ::setsockopt(fds[0], SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  AdoptedConnection connection;
+  connection.socket.reset(fds[1]);
+  connection.in_fd = connection.out_fd = fds[1];
+  connection.negotiated.enter_transmission = true;
+  connection.negotiated.transmission_flags = transmission_flags_for(f.info, false);
+  connection.on_closed = [&] { closed.fetch_add(1); };
+  f.loop->adopt(std::move(connection));
+  // No greeting: the first thing on the wire is our request's reply.
+  std::uint8_t request[nbd::kRequestSize];
+  nbd::encode_request(request, {nbd::kRequestMagic, 0, nbd::kCmdFlush, 3, 0, 0});
+  REQUIRE(send_all(fds[0], true, request, sizeof request));
+  std::uint8_t reply[nbd::kSimpleReplySize];
+  REQUIRE(recv_exact(fds[0], reply, sizeof reply) == RecvStatus::Ok);
+  CHECK(nbd::load_be32(reply) == nbd::kSimpleReplyMagic);
+  CHECK(nbd::load_be32(reply + 4) == 0);
+  CHECK(nbd::load_be64(reply + 8) == 3);
+  nbd::encode_request(request, {nbd::kRequestMagic, 0, nbd::kCmdDisc, 4, 0, 0});
+  REQUIRE(send_all(fds[0], true, request, sizeof request));
+  for (int i = 0; i < 500 && closed.load() == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  CHECK(closed.load() == 1);
+  std::uint8_t byte;
+  CHECK(::read(fds[0], &byte, 1) == 0);  // the loop closed its end
+  f.loop.reset();
+  CHECK(closed.load() == 1);
+  ::close(fds[0]);
+}
+
+TEST_CASE("queue loop: shutdown_connections() ends connections whose peer never leaves") {
+  LoopFixture f;
+  FakeHandler handler(f.transport, 0, f.disk, 1);
+  f.set_up(1);
+  Client client;
+  client.attach(*f.loop, f.info);
+  f.loop->shutdown_connections();
+  for (int i = 0; i < 500 && !client.closed(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  CHECK(client.closed());
+  std::uint8_t byte;
+  CHECK(::read(client.fd(), &byte, 1) == 0);
+}
+
+TEST_CASE("queue loop: a WRITE_ZEROES larger than the data area travels without a data extent") {
+  LoopFixture f;
+  FakeHandler handler(f.transport, 0, f.disk, 1);
+  f.set_up(1);
+  Client client;
+  client.attach(*f.loop, f.info);
+  client.request(nbd::kCmdWriteZeroes, 3, 8192, 1 << 20);  // four times the data area
+  auto zeroed = client.reply();
+  REQUIRE(zeroed);
+  CHECK(zeroed->error == 0);
+  CHECK(std::all_of(f.disk.begin() + 8192, f.disk.begin() + 8192 + (1 << 20), [](std::byte b) { return b == std::byte{0}; }));
+}
+
+TEST_CASE("queue loop: fail_outstanding() while a WRITE payload is arriving answers that WRITE with EIO") {
+  LoopFixture f;
+  FakeHandler handler(f.transport, 0, f.disk, 1);
+  f.set_up(1);
+  handler.pause = true;  // the backend is gone: nothing it is given completes
+  Client client;
+  client.attach(*f.loop, f.info);
+  client.request(nbd::kCmdWrite, 50, 0, 5000);
+  client.payload(std::vector<std::byte>(2000, std::byte{0x33}));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the payload is being received
+  f.loop->fail_outstanding(EIO);
+  client.payload(std::vector<std::byte>(3000, std::byte{0x33}));
+  auto reply = client.reply();
+  REQUIRE(reply);
+  CHECK(reply->cookie == 50);
+  CHECK(reply->error == nbd::kErrIo);
+}
