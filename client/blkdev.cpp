@@ -227,6 +227,16 @@ bool Blkdev::reclaim_lost(const std::vector<bool>& channel_lost, bool host_lost,
 
 void Blkdev::watch_backend() {
   const auto now = std::chrono::steady_clock::now();
+  // docs/design.md, "Truncated or vanished transport": the mapping now
+  // reads as zeros, which look like free slots.  Claiming them would only
+  // write private pages; fail everything instead (the process is exiting).
+  if (transport_.region().fault_offset()) {
+    if (!failed_) {
+      for (auto& loop : loops_) loop->fail_outstanding(EIO);
+      failed_ = true;
+    }
+    return;
+  }
   // A process stalled for longer than dead-after-ms (SIGSTOP, a paused VM,
   // an overloaded machine) is judged dead and its slots are reclaimed, by
   // the backend or by `cbd-proxy gc`, and may be claimed by someone else.
