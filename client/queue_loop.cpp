@@ -21,6 +21,7 @@ namespace {
 
 constexpr std::size_t kMaxEvents = 64;
 constexpr std::uint32_t kIdleWaitUs = 100000;
+constexpr std::uint32_t kFirstWaitUs = 2;
 // An impossible completion producer index that stays impossible this long is
 // a scribbled control block, not a torn read (flush mode).
 constexpr std::chrono::milliseconds kBrokenGrace{100};
@@ -187,20 +188,29 @@ void QueueLoop::run() {
   set_fine_timer_slack();
   const auto spin = std::chrono::microseconds(options_.spin_us);
   Clock::time_point last_activity = Clock::now();
+  std::uint32_t backoff_us = 0;
   progress_at_ = last_activity;
   for (;;) {
     const Clock::time_point now = Clock::now();
     const bool active = turn(now);
     publish_state();
     if (stopping_ && stop_done(now)) break;
-    if (active) last_activity = now;
+    if (active) {
+      last_activity = now;
+      backoff_us = 0;
+    }
     std::uint32_t timeout_us;
-    if (Clock::now() - last_activity < spin)
+    if (Clock::now() - last_activity < spin) {
       timeout_us = 0;  // spinning: only look for socket events
-    else if (engine_->in_flight() > 0 || engine_->setting_up() || stopping_)
-      timeout_us = options_.max_sleep_us;
-    else
+    } else if (engine_->in_flight() > 0 || engine_->setting_up() || stopping_) {
+      // A completion is seen at the latest when the wait ends: the waits
+      // grow from 2 us, doubling, up to max-sleep-us, so a slow backend
+      // costs few wake-ups and a fast one little latency.
+      backoff_us = backoff_us == 0 ? kFirstWaitUs : std::min(backoff_us * 2, options_.max_sleep_us);
+      timeout_us = std::min(backoff_us, options_.max_sleep_us);
+    } else {
       timeout_us = kIdleWaitUs;
+    }
     wait_events(timeout_us);
   }
   // Whatever is left: sessions are closed, the channel is quiet or abandoned.
@@ -357,7 +367,12 @@ void QueueLoop::unwatch(Served& served) {
 void QueueLoop::wait_events(std::uint32_t timeout_us) {
   epoll_event events[kMaxEvents];
   const timespec timeout{static_cast<time_t>(timeout_us / 1000000), static_cast<long>(timeout_us % 1000000) * 1000};
-  const int n = ::epoll_pwait2(epoll_.get(), events, kMaxEvents, &timeout, nullptr);
+  int n = ::epoll_pwait2(epoll_.get(), events, kMaxEvents, &timeout, nullptr);
+  if (n < 0 && errno == ENOSYS) {
+    // Before Linux 5.11: millisecond timeouts, rounded up so that a short
+    // wait is never a busy loop.
+    n = ::epoll_wait(epoll_.get(), events, kMaxEvents, static_cast<int>((timeout_us + 999) / 1000));
+  }
   for (int i = 0; i < n; ++i) {
     const std::uint64_t data = events[i].data.u64;
     if (data == 0) {

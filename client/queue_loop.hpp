@@ -8,9 +8,9 @@
 // replies, take requests from readable sockets as far as their shares allow,
 // publish the batch of new entries with one index store, write again, and
 // check the deadlines.  It spins for `spin_us` after activity, then waits in
-// epoll for at most `max_sleep_us` while entries are in flight (their
-// completions arrive through shared memory, which wakes nobody) and 100 ms
-// otherwise, so an idle queue costs about no CPU.
+// epoll, while entries are in flight (their completions arrive through
+// shared memory, which wakes nobody), for 2 us doubling up to
+// `max_sleep_us`, and 100 ms otherwise, so an idle queue costs about no CPU.
 //
 // The engine is single-threaded: nothing but this thread touches it.  The
 // blkdev's watcher asks for set-ups, channel replacement and failures
