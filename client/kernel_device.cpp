@@ -135,10 +135,12 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
   UniqueFd wake_write(wake[1]);
   wake_fd = wake_write.get();
 
+  const std::uint32_t queues = blkdev_options.queues;
+  // Declared before the blkdev: its queues call on_closed (below) until
+  // they have stopped, in the blkdev's destructor.
+  std::atomic<std::uint32_t> open_connections{queues};
   Blkdev blkdev(transport, blkdev_options);
   const ExportInfo info = blkdev.info();
-  const std::uint32_t queues = blkdev_options.queues;
-  std::atomic<std::uint32_t> open_connections{queues};
 
   HandshakeResult negotiated;
   negotiated.enter_transmission = true;
