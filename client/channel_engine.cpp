@@ -281,8 +281,24 @@ void ChannelEngine::adopt_outstanding(ChannelEngine& old) {
   binding_ = old.binding_;
   failing_ = old.failing_;
   next_serial_ = std::max(next_serial_, old.next_serial_);
+  // The fresh channel may be the very slot we lost, claimed again: its data
+  // area is the old one.  So every byte worth keeping is copied out first
+  // (and checked on the copy, since the old area may change under us), and
+  // only then are new extents allocated and filled.
+  std::vector<std::vector<std::byte>> saved(old.entries_.size());
+  for (std::uint32_t slot = 0; slot < old.entries_.size() && slot < entries_.size(); ++slot) {
+    const Entry& from = old.entries_[slot];
+    if (from.state == State::Free || !from.has_extent) continue;
+    std::uint32_t length = 0;
+    if (from.payload_length > 0)
+      length = from.payload_length;  // a WRITE payload, whole or in part
+    else if (from.state == State::Completed)
+      length = std::min(from.result_length, from.submission.data_length);  // a result not sent yet
+    const std::byte* source = old.channel_.data(from.submission.data_offset, from.submission.data_length);
+    if (length > 0 && source) saved[slot].assign(source, source + length);
+  }
   // Old extents are addressed in the old data area; moving entries one by
-  // one into a fresh allocator always fits (they fitted there, with waste).
+  // one into a fresh allocator always fits (they fitted there).
   for (std::uint32_t slot = 0; slot < old.entries_.size() && slot < entries_.size(); ++slot) {
     Entry& from = old.entries_[slot];
     if (from.state == State::Free) continue;
@@ -301,25 +317,24 @@ void ChannelEngine::adopt_outstanding(ChannelEngine& old) {
     if (!from.has_extent) continue;
     auto offset = allocator_.allocate(from.submission.data_length);
     to.submission.data_offset = offset.value_or(0);
-    const std::byte* source = old.channel_.data(from.submission.data_offset, from.submission.data_length);
-    std::byte* target = extent(slot);
-    if (!offset || !source || !target) {
+    std::byte* target = offset ? extent(slot) : nullptr;
+    const std::vector<std::byte>& copy = saved[slot];
+    if (!target) {
       to.has_extent = false;
       fail_adopted(slot, EIO);
       continue;
     }
     if (from.payload_length > 0) {
-      // A WRITE payload (whole or in part): copy first, then check the copy,
-      // since the old area may change under us.
-      std::memcpy(target, source, from.payload_length);
-      if (crc32c(0, target, from.payload_length) != from.payload_crc) fail_adopted(slot, EIO);
-    } else if (from.state == State::Completed) {
-      // A result its owner has not sent yet.  It was written before we lost
-      // the channel; whoever owns it now may have written over it since,
-      // which only checksum mode can tell.
-      const std::uint32_t length = std::min(from.result_length, from.submission.data_length);
-      std::memcpy(target, source, length);
-      if (channel_.mode().checksum && from.status == 0 && crc32c(0, target, length) != from.result_crc)
+      if (copy.size() != from.payload_length || crc32c(0, copy.data(), copy.size()) != from.payload_crc) {
+        fail_adopted(slot, EIO);
+        continue;
+      }
+      std::memcpy(target, copy.data(), copy.size());
+    } else if (from.state == State::Completed && !copy.empty()) {
+      // It was written before we lost the channel; whoever owns it now may
+      // have written over it since, which only checksum mode can tell.
+      std::memcpy(target, copy.data(), copy.size());
+      if (channel_.mode().checksum && from.status == 0 && crc32c(0, copy.data(), copy.size()) != from.result_crc)
         to.status = EIO;
     }
   }

@@ -528,3 +528,47 @@ TEST_CASE("queue loop: fail_outstanding() while a WRITE payload is arriving answ
   CHECK(reply->cookie == 50);
   CHECK(reply->error == nbd::kErrIo);
 }
+
+TEST_CASE("queue loop: the lost channel claimed again by ourselves (the same data area): outstanding requests still "
+          "complete with their data") {
+  LoopFixture f;
+  std::optional<FakeHandler> first;
+  first.emplace(f.transport, 0, f.disk, 1);
+  f.set_up(1);
+  Client client;
+  client.attach(*f.loop, f.info);
+  // Two READs released in order leave entry slot 1 on top of the free
+  // stack: the WRITEs below then hold slots in another order than their
+  // extents' offsets, so a move into the same data area in slot order
+  // would overwrite one payload with another before copying it.
+  client.request(nbd::kCmdRead, 68, 0, 65536);
+  client.request(nbd::kCmdRead, 69, 0, 8192);
+  for (int i = 0; i < 2; ++i) REQUIRE(client.reply({{68, 65536}, {69, 8192}}));
+  first->pause = true;
+  const auto early = random_bytes(8192, 21);
+  const auto late = random_bytes(40000, 22);
+  client.request(nbd::kCmdWrite, 70, 0, static_cast<std::uint32_t>(early.size()));
+  client.payload(early);
+  client.request(nbd::kCmdWrite, 71, 1 << 20, static_cast<std::uint32_t>(late.size()));
+  client.payload(late);
+  for (int i = 0; i < 200 && f.loop->outstanding() < 4; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  REQUIRE(f.loop->outstanding() == 4);  // 1 + 3 pieces of 16 KiB
+  first.reset();
+  ChannelControl& control = f.transport.channel_control(0);
+  REQUIRE(reclaim(control.header, f.claimed_word));
+  client.request(nbd::kCmdFlush, 72, 0, 0);  // finds the channel gone
+  for (int i = 0; i < 400 && !f.loop->lost(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  REQUIRE(f.loop->lost());
+  auto word = try_claim(control.header, kNoSlot);
+  REQUIRE(word);
+  FakeHandler again(f.transport, 0, f.disk, 1);
+  f.loop->replace_channel(std::make_unique<ChannelEngine>(f.transport, SlotClaim(&control.header, 0, *word)),
+                          Binding{0, 0, 1});
+  for (int i = 0; i < 3; ++i) {
+    auto reply = client.reply();
+    REQUIRE(reply);
+    CHECK(reply->error == 0);
+  }
+  CHECK(std::memcmp(f.disk.data(), early.data(), early.size()) == 0);
+  CHECK(std::memcmp(f.disk.data() + (1 << 20), late.data(), late.size()) == 0);
+}
