@@ -36,6 +36,15 @@ ChannelEngine::ChannelEngine(const Transport& transport, SlotClaim claim)
   // stops at its next check); twice that, and at least a second, covers an
   // operation it had already handed to its store.
   quarantine_ = std::chrono::milliseconds(std::max<std::uint64_t>(1000, 2ull * transport.superblock().dead_after_ms));
+  // A channel just claimed still holds its former owner's generation and
+  // ring until our first set-up; a handler that attaches to that generation
+  // meanwhile (it may never have served it) would execute the old entries
+  // again, into extents we are about to reuse.  Empty the ring now: our
+  // producer indices are ours to write from the claim on.
+  if (claim_.owned()) {
+    store_relaxed(channel_.control().cq_head.value, 0u);
+    store_release(channel_.control().sq_head.value, 0u);
+  }
 }
 
 std::uint64_t ChannelEngine::tag_of(std::uint32_t slot) const {

@@ -561,9 +561,11 @@ TEST_CASE("queue loop: the lost channel claimed again by ourselves (the same dat
   REQUIRE(f.loop->lost());
   auto word = try_claim(control.header, kNoSlot);
   REQUIRE(word);
+  // Claimed, then the engine at once (as the blkdev does): it empties the
+  // stale ring before a handler could attach to the old generation.
+  auto engine = std::make_unique<ChannelEngine>(f.transport, SlotClaim(&control.header, 0, *word));
   FakeHandler again(f.transport, 0, f.disk, 1);
-  f.loop->replace_channel(std::make_unique<ChannelEngine>(f.transport, SlotClaim(&control.header, 0, *word)),
-                          Binding{0, 0, 1});
+  f.loop->replace_channel(std::move(engine), Binding{0, 0, 1});
   for (int i = 0; i < 3; ++i) {
     auto reply = client.reply();
     REQUIRE(reply);
