@@ -54,7 +54,6 @@ class Blkdev final : public ConnectionSink {
   void adopt(AdoptedConnection connection) override;
   // The blkdev slot we hold now (it changes if ours was reclaimed).
   std::uint32_t index() const { return blkdev_index_.load(); }
-  std::size_t queue_count() const { return loops_.size(); }
   // Ends every connection now, whatever its peer does.
   void shutdown_connections();
 

@@ -221,7 +221,6 @@ void QueueLoop::run() {
   }
   served_.clear();
   publish_state();
-  exited_.store(true, std::memory_order_release);
 }
 
 bool QueueLoop::turn(Clock::time_point now) {

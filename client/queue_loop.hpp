@@ -88,7 +88,6 @@ class QueueLoop {
   }
   std::size_t connections() const { return connections_.load(std::memory_order_relaxed); }
   std::size_t outstanding() const { return outstanding_.load(std::memory_order_relaxed); }
-  bool running() const { return !exited_.load(std::memory_order_acquire); }
 
  private:
   struct Served;
@@ -140,7 +139,6 @@ class QueueLoop {
   std::atomic<std::uint64_t> replacements_done_{0};
   std::atomic<std::size_t> connections_{0};
   std::atomic<std::size_t> outstanding_{0};
-  std::atomic<bool> exited_{false};
   std::thread thread_;
 };
 

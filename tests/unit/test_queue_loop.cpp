@@ -478,6 +478,8 @@ TEST_CASE("queue loop: an adopted connection is served from its first byte, and 
   REQUIRE(send_all(fds[0], true, request, sizeof request));
   for (int i = 0; i < 500 && closed.load() == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   CHECK(closed.load() == 1);
+  for (int i = 0; i < 100 && f.loop->connections() != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  CHECK(f.loop->connections() == 0);
   std::uint8_t byte;
   CHECK(::read(fds[0], &byte, 1) == 0);  // the loop closed its end
   f.loop.reset();
