@@ -208,4 +208,8 @@ void Blkdev::watch_backend() {
   }
 }
 
+void Blkdev::set_kernel_device(std::uint32_t value) {
+  if (blkdev_.owned()) store_release(transport_.blkdev(blkdev_.index()).kernel_device, value);
+}
+
 }  // namespace cbd::proxy

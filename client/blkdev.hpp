@@ -44,6 +44,12 @@ class Blkdev {
   std::uint32_t index() const { return blkdev_.index(); }
   // The queue for a new connection (round-robin over the channels).
   std::shared_ptr<RequestTarget> next_target();
+  // The channels claimed (at most BlkdevOptions::queues).
+  std::uint32_t queue_count() const { return static_cast<std::uint32_t>(queues_.size()); }
+  // Records in the blkdev slot which kernel device it serves (1 + N for
+  // /dev/nbdN, 0 for none), for `cbd-proxy list`; fenced: nothing is
+  // written once the slot is no longer ours (docs/design.md §4).
+  void set_kernel_device(std::uint32_t value);
 
  private:
   void beat();
