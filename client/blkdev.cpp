@@ -201,7 +201,7 @@ bool Blkdev::reclaim_lost(const std::vector<bool>& channel_lost, bool host_lost,
     BlkdevSlot& slot = transport_.blkdev(blkdev.index());
     store_relaxed(slot.backend_id, options_.backend_id);
     store_relaxed(slot.backend_epoch, bound_epoch_);
-    store_relaxed(slot.kernel_device, 0u);
+    store_relaxed(slot.kernel_device, kernel_device_.load());
     store_relaxed(slot.queue_count, static_cast<std::uint32_t>(loops_.size()));
     blkdev_ = std::move(blkdev);
     blkdev_index_.store(blkdev_.index());
@@ -327,6 +327,12 @@ void Blkdev::watch_backend() {
     for (auto& loop : loops_) loop->fail_outstanding(EIO);
     failed_ = true;
   }
+}
+
+void Blkdev::set_kernel_device(std::uint32_t value) {
+  std::lock_guard lock(claims_mutex_);
+  kernel_device_.store(value);
+  if (blkdev_.owned()) store_release(transport_.blkdev(blkdev_.index()).kernel_device, value);
 }
 
 }  // namespace cbd::proxy

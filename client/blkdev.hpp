@@ -56,6 +56,13 @@ class Blkdev final : public ConnectionSink {
   std::uint32_t index() const { return blkdev_index_.load(); }
   // Ends every connection now, whatever its peer does.
   void shutdown_connections();
+  // The queues (channels) claimed: at most BlkdevOptions::queues.
+  std::uint32_t queue_count() const { return static_cast<std::uint32_t>(loops_.size()); }
+  // Records in the blkdev slot which kernel device it serves (1 + N for
+  // /dev/nbdN, 0 for none), for `cbd-proxy list`; kept for a slot claimed
+  // again after ours was reclaimed.  Fenced: nothing is written to a slot
+  // that is no longer ours (docs/design.md §4).
+  void set_kernel_device(std::uint32_t value);
 
  private:
   // What the heartbeat thread beats for a channel: its header and the word
@@ -82,6 +89,7 @@ class Blkdev final : public ConnectionSink {
   std::vector<std::unique_ptr<QueueLoop>> loops_;
   std::atomic<std::size_t> next_queue_{0};
   std::atomic<std::uint32_t> blkdev_index_{0};
+  std::atomic<std::uint32_t> kernel_device_{0};  // what set_kernel_device() recorded
 
   // Claims: beaten by the heartbeat thread, replaced by the watcher.
   mutable std::mutex claims_mutex_;

@@ -10,6 +10,7 @@
 
 #include "client/blkdev.hpp"
 #include "client/commands.hpp"
+#include "client/daemonize.hpp"
 #include "client/kernel_device.hpp"
 #include "client/nbd_netlink.hpp"
 #include "client/nbd_server.hpp"
@@ -52,13 +53,6 @@ NbdServer* active_server = nullptr;
 
 void on_stop_signal(int) {
   if (active_server) active_server->request_stop();
-}
-
-void write_pidfile(const std::string& path) {
-  if (path.empty()) return;
-  std::ofstream out(path, std::ios::trunc);
-  out << ::getpid() << "\n";
-  if (!out) throw Error("pidfile " + path + ": cannot write");
 }
 
 }  // namespace
@@ -120,34 +114,16 @@ int run_connect(const Parameters& p) {
                       p.flag("allow-remote", false));
   }
 
+  UniqueFd ready;
   if (daemon) {
     // Fork before any thread exists (threads do not survive fork); the
-    // listening sockets are inherited, so clients can connect as soon as the
-    // parent returns.
-    pid_t child = ::fork();
-    if (child < 0) throw_errno("fork");
-    if (child > 0) {
-      // Wait for the child to report readiness through the pidfile or die.
-      // The parent leaves with _exit(): the listeners, the unix socket path
-      // and the server's stop pipe are the child's now, and running their
-      // destructors here would stop the child's server (and unlink its
-      // socket).
-      std::string pidfile = p.text("pidfile", "");
-      for (int i = 0; i < 600; ++i) {
-        int status = 0;
-        if (::waitpid(child, &status, WNOHANG) == child) ::_exit(1);
-        if (pidfile.empty() || ::access(pidfile.c_str(), F_OK) == 0) ::_exit(0);
-        ::usleep(50000);
-      }
-      ::_exit(0);
-    }
-    ::setsid();
-    int null = ::open("/dev/null", O_RDWR);
-    if (null >= 0) {
-      ::dup2(null, STDIN_FILENO);
-      ::dup2(null, STDOUT_FILENO);
-      ::close(null);
-    }
+    // listening sockets are inherited.  The parent returns once the child
+    // is attached and serving, or with its exit status if it failed.  It
+    // leaves with _exit(): the listeners, the unix socket path and the
+    // server's stop pipe are the child's now, and running their destructors
+    // here would stop the child's server (and unlink its socket).
+    const int parent_status = daemonize(ready);
+    if (parent_status >= 0) ::_exit(parent_status);
   }
 
   attach();
@@ -172,6 +148,7 @@ int run_connect(const Parameters& p) {
   ::sigaction(SIGHUP, &action, nullptr);
   write_pidfile(p.text("pidfile", ""));
   if (stdio) server.add_stdio_connection();
+  report_ready(ready);
 
   server.serve();
   active_server = nullptr;

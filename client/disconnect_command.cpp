@@ -1,14 +1,21 @@
-// `cbd-proxy disconnect device=/dev/nbdN`: detach a kernel nbd device that a
-// `cbd-proxy connect ... device=` serves (or any netlink-attached one).  The
+// `cbd-proxy disconnect device=/dev/nbdN`: flush and detach a kernel nbd
+// device that a `cbd-proxy connect ... device=` serves (or any
+// netlink-attached one).  The
 // serving proxy sees the kernel let go of its sockets, releases its blkdev
 // and exits.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <thread>
 
 #include "client/commands.hpp"
 #include "client/nbd_netlink.hpp"
 #include "common/error.hpp"
+#include "common/unique_fd.hpp"
 
 namespace cbd::proxy {
 
@@ -24,6 +31,15 @@ int run_disconnect(const Parameters& p) {
   require_nbd_driver(index);
   if (!nbd_device_configured(index))
     throw Error(device + " is not attached (no /sys/block/nbd" + std::to_string(index) + "/pid) — nothing to do");
+  // Write back what the page cache holds for the device and have the
+  // backend flush before the kernel drops its sockets (fsync of a block
+  // device sends NBD_CMD_FLUSH; read-only opening suffices, and works for a
+  // read-only device).
+  {
+    UniqueFd fd(::open(device.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd || ::fsync(fd.get()) != 0)
+      std::fprintf(stderr, "cbd-proxy: %s: flush before detaching failed: %s\n", device.c_str(), std::strerror(errno));
+  }
   nbd_netlink_disconnect(index);
   // Released once the kernel has closed its sockets and the last opener is
   // gone; a second attach of the same device must wait for that.

@@ -16,11 +16,14 @@
 #include <thread>
 #include <vector>
 
+#include "client/daemonize.hpp"
 #include "client/nbd_handshake.hpp"
 #include "client/nbd_netlink.hpp"
 #include "common/error.hpp"
 #include "common/log.hpp"
+#include "common/layout.hpp"
 #include "common/shared_atomic.hpp"
+#include "common/transport_fault_monitor.hpp"
 #include "common/unique_fd.hpp"
 
 namespace cbd::proxy {
@@ -74,43 +77,57 @@ void flush_device(std::uint32_t index) {
   if (::fsync(fd.get()) != 0) log(LogLevel::Warning, "%s: flush before detaching failed: %m", path.c_str());
 }
 
-void write_pidfile(const std::string& path) {
-  if (path.empty()) return;
-  std::ofstream out(path, std::ios::trunc);
-  out << ::getpid() << "\n";
-  if (!out) throw Error("pidfile " + path + ": cannot write — check the directory exists and is writable");
+// Whether /dev/nbdN is still configured with our sockets: the kernel
+// records the pid of the process that attached it.  Checked before a detach
+// at stop, so that a device the kernel already released and someone else
+// attached since is left alone.
+bool device_is_ours(std::uint32_t index) {
+  std::ifstream in("/sys/block/nbd" + std::to_string(index) + "/pid");
+  long pid = 0;
+  return in >> pid && pid == static_cast<long>(::getpid());
 }
 
-// Forks; the parent waits for the child to report /dev/nbdN usable (a byte
-// on the pipe) or to die, and returns its exit status; the child returns -1
-// with `ready` set to the pipe's write end.
-int daemonize(UniqueFd& ready) {
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) throw_errno("daemon: pipe2");
-  UniqueFd read_end(fds[0]);
-  ready.reset(fds[1]);
-  const pid_t child = ::fork();
-  if (child < 0) throw_errno("daemon: fork");
-  if (child > 0) {
-    ready.reset();
-    char byte = 0;
-    ssize_t n;
-    do n = ::read(read_end.get(), &byte, 1);
-    while (n < 0 && errno == EINTR);
-    if (n == 1) return 0;
-    int status = 0;
-    ::waitpid(child, &status, 0);
-    return WIFEXITED(status) && WEXITSTATUS(status) != 0 ? WEXITSTATUS(status) : 1;
+// Detaches the device if the run ends by an exception after the kernel took
+// our sockets: otherwise the device stays configured with sockets nobody
+// answers, and fails I/O only after the dead-connection timeout.
+class DetachOnUnwind {
+ public:
+  explicit DetachOnUnwind(std::uint32_t index) : index_(index) {}
+  DetachOnUnwind(const DetachOnUnwind&) = delete;
+  DetachOnUnwind& operator=(const DetachOnUnwind&) = delete;
+  ~DetachOnUnwind() {
+    if (!armed_) return;
+    try {
+      nbd_netlink_disconnect(index_);
+    } catch (const Error& e) {
+      log(LogLevel::Warning, "%s", e.what());
+    }
   }
-  read_end.reset();
-  ::setsid();
-  UniqueFd null(::open("/dev/null", O_RDWR | O_CLOEXEC));
-  if (null) {
-    ::dup2(null.get(), STDIN_FILENO);
-    ::dup2(null.get(), STDOUT_FILENO);
+  void arm() { armed_ = true; }
+  void disarm() { armed_ = false; }
+
+ private:
+  std::uint32_t index_;
+  bool armed_ = false;
+};
+
+// Stop signals wake the main loop from the moment the device can exist, so
+// that a signal between the attach and the main loop detaches it cleanly
+// instead of killing the process with the device still configured.
+class StopSignals {
+ public:
+  StopSignals() {
+    struct sigaction action {};
+    action.sa_handler = on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    for (int signal : {SIGTERM, SIGINT, SIGHUP}) ::sigaction(signal, &action, nullptr);
   }
-  return -1;
-}
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+  ~StopSignals() {
+    for (int signal : {SIGTERM, SIGINT, SIGHUP}) ::signal(signal, SIG_DFL);
+  }
+};
 
 }  // namespace
 
@@ -134,13 +151,37 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
   UniqueFd wake_read(wake[0]);
   UniqueFd wake_write(wake[1]);
   wake_fd = wake_write.get();
+  StopSignals stop_signals;
 
-  const std::uint32_t queues = blkdev_options.queues;
   // Declared before the blkdev: its queues call on_closed (below) until
-  // they have stopped, in the blkdev's destructor.
-  std::atomic<std::uint32_t> open_connections{queues};
+  // they have stopped, in the blkdev's destructor.  Set once the blkdev
+  // knows how many channels it got.
+  std::atomic<std::uint32_t> open_connections{0};
   Blkdev blkdev(transport, blkdev_options);
   const ExportInfo info = blkdev.info();
+  const std::uint32_t minimum = advertised_block_sizes(info).minimum;
+  if (minimum > 4096)
+    throw Error(device + ": backend " + std::to_string(blkdev_options.backend_id) + " needs requests aligned to " +
+                std::to_string(minimum) +
+                " bytes, more than the largest logical block size the kernel accepts (4096) — serve it over NBD "
+                "(without device=) or give the backend a smaller minimum block size");
+  // The kernel gets one socket per channel the blkdev actually claimed.
+  const std::uint32_t queues = blkdev.queue_count();
+  if (queues > 1 && (info.caps & kCapMultiConn) == 0)
+    throw Error(device + ": backend " + std::to_string(blkdev_options.backend_id) +
+                " does not allow several connections (no multi-conn), and the kernel attaches several queues only "
+                "then — use queues=1");
+  open_connections.store(queues);
+
+  // docs/design.md, "Truncated or vanished transport": once the mapping
+  // reads as zeros our slots are gone; detach the device (its I/O fails
+  // with EIO either way) and exit 1.
+  TransportFaultMonitor fault_monitor(transport.region(), [](const std::string& message) {
+    log(LogLevel::Error, "%s; detaching the kernel device: its requests fail with EIO, cbd-proxy exits",
+        message.c_str());
+    stop_requested.store(true);
+    wake_main();
+  });
 
   HandshakeResult negotiated;
   negotiated.enter_transmission = true;
@@ -176,15 +217,16 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
     blkdev.adopt(std::move(connection));  // round-robin: one socket per queue
   }
 
+  DetachOnUnwind detach_on_unwind(options.index);
   nbd_netlink_connect(attachment);  // on failure the blkdev's destructor ends our ends
+  detach_on_unwind.arm();
   kernel_ends.clear();              // the kernel holds its own references
-  BlkdevSlot& slot = transport.blkdev(blkdev.index());
-  store_release(slot.kernel_device, options.index + 1);
+  blkdev.set_kernel_device(options.index + 1);
 
   // The kernel sets the capacity as part of CONNECT; wait until the block
   // device shows it, so whoever runs next can open and use it.
   const std::string size_file = "/sys/block/nbd" + std::to_string(options.index) + "/size";
-  for (int i = 0; i < 100; ++i) {
+  for (int i = 0; i < 100 && !stop_requested.load(); ++i) {
     std::ifstream in(size_file);
     std::uint64_t sectors = 0;
     if (in >> sectors && sectors > 0) break;
@@ -194,31 +236,25 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
       blkdev_options.backend_id, info.name.c_str(), static_cast<unsigned long long>(info.size), queues,
       blkdev.index());
 
-  struct sigaction action {};
-  action.sa_handler = on_stop_signal;
-  sigemptyset(&action.sa_mask);
-  ::sigaction(SIGTERM, &action, nullptr);
-  ::sigaction(SIGINT, &action, nullptr);
-  ::sigaction(SIGHUP, &action, nullptr);
   write_pidfile(options.pidfile);
-  if (ready) {
-    const char byte = 'r';
-    [[maybe_unused]] ssize_t n = ::write(ready.get(), &byte, 1);
-    ready.reset();
-  }
+  report_ready(ready);
+  detach_on_unwind.disarm();  // from here on the stop path below detaches
 
   while (!stop_requested.load() && open_connections.load() > 0) wait_wake(wake_read.get(), std::chrono::seconds(1));
 
   if (open_connections.load() > 0) {
     log(LogLevel::Info, "%s: stopping: flushing and detaching", device.c_str());
-    flush_device(options.index);
-    try {
-      nbd_netlink_disconnect(options.index);
-    } catch (const Error& e) {
-      log(LogLevel::Warning, "%s", e.what());
+    if (!fault_monitor.fired()) flush_device(options.index);
+    if (device_is_ours(options.index)) {
+      try {
+        nbd_netlink_disconnect(options.index);
+      } catch (const Error& e) {
+        log(LogLevel::Warning, "%s", e.what());
+      }
     }
-    // The kernel sends NBD_CMD_DISC and shuts its ends; requests in flight
-    // finish first.  Bounded: a kernel that does not let go gets our ends shut.
+    // The kernel sends NBD_CMD_DISC, shuts its ends and fails what it still
+    // has queued (EIO): unmount first.  Bounded: a kernel that does not let
+    // go gets our ends shut.
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     while (open_connections.load() > 0 && std::chrono::steady_clock::now() < deadline)
       wait_wake(wake_read.get(), std::chrono::milliseconds(200));
@@ -228,15 +264,26 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
       blkdev.shutdown_connections();
     }
   } else {
-    log(LogLevel::Info, "%s: the kernel detached it", device.c_str());
+    // After a detach the kernel keeps the configuration until its last
+    // opener is gone: give that a moment before judging.
+    for (int i = 0; i < 50 && device_is_ours(options.index); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (device_is_ours(options.index)) {
+      log(LogLevel::Warning, "%s: the kernel closed every socket but still holds the device; detaching it",
+          device.c_str());
+      try {
+        nbd_netlink_disconnect(options.index);
+      } catch (const Error& e) {
+        log(LogLevel::Debug, "%s", e.what());  // a detach already under way
+      }
+    } else {
+      log(LogLevel::Info, "%s: the kernel detached it", device.c_str());
+    }
   }
-  store_release(slot.kernel_device, 0u);
-  ::signal(SIGTERM, SIG_DFL);
-  ::signal(SIGINT, SIG_DFL);
-  ::signal(SIGHUP, SIG_DFL);
+  blkdev.set_kernel_device(0);
   wake_fd = -1;
   if (!options.pidfile.empty()) ::unlink(options.pidfile.c_str());
-  return 0;
+  return fault_monitor.fired() ? 1 : 0;
 }
 
 }  // namespace cbd::proxy

@@ -4,10 +4,13 @@
 #include <netlink/genl/ctrl.h>
 #include <netlink/genl/genl.h>
 #include <netlink/netlink.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <cctype>
 #include <cerrno>
+#include <cstring>
 #include <memory>
 
 #include "common/error.hpp"
@@ -37,6 +40,11 @@ NbdFamily open_nbd_family(const std::string& device) {
   if (!family.socket) throw Error(device + ": netlink: cannot allocate a socket (out of memory)");
   if (int rc = genl_connect(family.socket.get()); rc < 0)
     throw Error(device + ": cannot open a generic netlink socket: " + nl_geterror(rc));
+  // Bounded: the kernel acknowledges at once, and a reply that never comes
+  // must not hang attach, detach or stop forever.
+  timeval timeout{30, 0};
+  if (::setsockopt(nl_socket_get_fd(family.socket.get()), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout) != 0)
+    throw Error(device + ": netlink: cannot set a receive timeout: " + std::strerror(errno));
   family.id = genl_ctrl_resolve(family.socket.get(), NBD_GENL_FAMILY_NAME);
   if (family.id < 0)
     throw Error(device +

@@ -92,7 +92,13 @@ binaries=("$STAGE/usr/bin/cbd-proxy")
 mapfile -t -O 1 binaries < <(find "$STAGE/usr/lib" -name '*.so')
 shlibs=$(cd "$WORK/shlibs" && dpkg-shlibdeps -O "${binaries[@]}" 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
 [[ -n $shlibs ]] || die "dpkg-shlibdeps found no dependencies for ${binaries[*]}"
-DEPENDS="$shlibs, nbdkit (= $NBDKIT_VERSION)"
+# nbdkit loads a filter only if it was built for the same upstream version
+# (its _version string); Debian revisions of that version (security
+# updates: 1.32.5-1+deb12u1) keep it, so pin the upstream version only.
+# "U.~" sorts after every Debian version of upstream U and before U.1, U+1.
+NBDKIT_UPSTREAM=${NBDKIT_VERSION#*:}
+NBDKIT_UPSTREAM=${NBDKIT_UPSTREAM%-*}
+DEPENDS="$shlibs, nbdkit (>= $NBDKIT_UPSTREAM), nbdkit (<< $NBDKIT_UPSTREAM.~)"
 
 mkdir -p "$STAGE/DEBIAN"
 (cd "$STAGE" && find usr -type f -print0 | sort -z | xargs -0 md5sum) >"$STAGE/DEBIAN/md5sums"

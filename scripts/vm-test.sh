@@ -516,15 +516,25 @@ attach_device() {
     # daemon returns once /dev/nbd0 is usable: no waiting here.
     size=$(($(cat /sys/block/nbd0/size) * 512))
     [ "$size" -gt 0 ] || fail "/dev/nbd0 has no size right after cbd-proxy connect returned"
-    say "cbd-proxy (pid $(cat /run/cbd-proxy.pid)) attached /dev/nbd0: $size bytes, $(ls /sys/block/nbd0/mq | wc -l) hardware queues"
+    hwq=$(ls /sys/block/nbd0/mq | wc -l)
+    say "cbd-proxy (pid $(cat /run/cbd-proxy.pid)) attached /dev/nbd0: $size bytes, $hwq hardware queues"
+    # One socket, hence one hardware queue, per channel (queues=2 by default).
+    [ "$hwq" -eq 2 ] || fail "/dev/nbd0 has $hwq hardware queues, expected 2 (queues=2)"
     cbd-proxy list transport="$transport" | grep -E '^ *blkdev [0-9]'
     cbd-proxy list transport="$transport" | grep -q 'blkdev [0-9]*: live.*device /dev/nbd0' ||
         fail "cbd-proxy list does not show /dev/nbd0 for the blkdev"
 }
+# detach_device [sigterm]: `cbd-proxy disconnect`, or SIGTERM to the proxy
+# (which flushes and detaches the device itself).
 detach_device() {
     pid=$(cat /run/cbd-proxy.pid)
-    run cbd-proxy disconnect device=/dev/nbd0
-    wait_for 10 eval '! kill -0 $pid 2>/dev/null' || fail "cbd-proxy ($pid) did not exit after disconnect"
+    if [ "${1:-}" = sigterm ]; then
+        say "\$ kill -TERM $pid   # cbd-proxy flushes and detaches /dev/nbd0 itself"
+        kill -TERM "$pid"
+    else
+        run cbd-proxy disconnect device=/dev/nbd0
+    fi
+    wait_for 10 eval '! kill -0 $pid 2>/dev/null' || fail "cbd-proxy ($pid) did not exit after ${1:-disconnect}"
     [ ! -e /sys/block/nbd0/pid ] || fail "/dev/nbd0 still attached after cbd-proxy disconnect"
     ! cbd-proxy list transport="$transport" | grep -q 'blkdev [0-9]*: live' ||
         fail "the blkdev is still live after cbd-proxy exited"
@@ -605,7 +615,7 @@ device|devdax)
     run sync
     reread_check
     run umount /mnt
-    detach_device
+    detach_device sigterm
     no_io_errors
     ;;
 verify-readonly)

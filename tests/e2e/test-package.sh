@@ -29,8 +29,9 @@ deb=$(tail -n 1 "$TEST_DIR/package.log")
 [[ -f $deb && $deb == */dist/cbd_*_*.deb ]] || fail "scripts/package.sh did not name a dist/cbd_VERSION_ARCH.deb (got '$deb')"
 log "built $deb"
 version=$(dpkg-deb -f "$deb" Version)
-[[ $version == $(sed -n 's/^project(cbd VERSION \([0-9.]*\).*/\1/p' "$CBD_SOURCE_DIR/CMakeLists.txt") ]] ||
-    fail "package version $version is not the project's"
+# The version the built programs report, not one derived the way package.sh does.
+built=$("$CBD_BUILD_DIR/client/cbd-proxy" --version | sed -n 's/^cbd-proxy //p')
+[[ -n $built && $version == "$built" ]] || fail "package version $version is not the built cbd-proxy's ($built)"
 depends=$(dpkg-deb -f "$deb" Depends)
 log "Depends: $depends"
 for lib in libc6 libstdc++6 liburing2 libdaxctl1 libnl-genl-3-200 nbdkit; do
