@@ -102,7 +102,11 @@ Described describe_slot(const Transport& t, const SurveyedSlot& s) {
                           errors = load_relaxed(c.errors), in_flight = load_relaxed(c.in_flight);
       json["backend"] = load_relaxed(c.backend_id);
       json["blkdev"] = load_relaxed(c.blkdev_id);
+      json["backend_epoch"] = load_relaxed(c.backend_epoch);
       json["generation"] = load_relaxed(c.generation);
+      // The epoch of the backend instance that attached last: which one
+      // serves (or last served) the channel.
+      json["handler_backend_epoch"] = load_relaxed(c.handler_backend_epoch);
       json["attached"] = attached;
       json["requests"] = requests;
       json["bytes"] = bytes;
