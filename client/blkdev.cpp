@@ -5,6 +5,7 @@
 #include <cerrno>
 
 #include "common/error.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
@@ -34,6 +35,7 @@ std::optional<ExportInfo> read_backend_export(const Transport& transport, std::u
                                               std::uint64_t* epoch) {
   if (backend_id >= transport.backend_count()) return std::nullopt;
   const BackendSlot& slot = transport.backend(backend_id);
+  refresh_lines(&slot, sizeof slot);  // flush mode: the backend wrote it back
   std::uint64_t word = load_acquire(slot.header.state);
   if (state_of(word) != SlotState::Live) return std::nullopt;
   // export_size is stored last (release) by the backend: nonzero means the
@@ -86,6 +88,7 @@ Blkdev::Blkdev(const Transport& transport, const BlkdevOptions& options)
   store_relaxed(blkdev.backend_id, options.backend_id);
   store_relaxed(blkdev.backend_epoch, epoch);
   store_relaxed(blkdev.kernel_device, 0u);  // a former owner killed while serving /dev/nbdN left it set
+  publish_lines(&blkdev, sizeof blkdev);
 
   // Heartbeats start before binding: the backend judges our channels by them.
   heartbeat_ = std::make_unique<PeriodicThread>(
@@ -102,6 +105,7 @@ Blkdev::Blkdev(const Transport& transport, const BlkdevOptions& options)
     log(LogLevel::Warning, "only %zu of %u channels were free; serving with %zu queues", channels.size(),
         options.queues, channels.size());
   store_relaxed(blkdev.queue_count, static_cast<std::uint32_t>(channels.size()));
+  publish_lines(&blkdev, sizeof blkdev);
 
   Binding binding{options.backend_id, blkdev_.index(), epoch};
   for (SlotClaim& claim : channels) {

@@ -8,6 +8,7 @@
 
 #include "client/socket_io.hpp"
 #include "client/nbd_protocol.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/thread_signals.hpp"
@@ -140,6 +141,7 @@ bool ChannelQueue::set_up(std::optional<std::uint64_t> backend_epoch, std::chron
   // queue_setup() zeroed the shared in_flight counter; the re-driven entries
   // are still in flight (cbd-proxy list reports it).
   store_relaxed(channel_.control().in_flight, static_cast<std::uint64_t>(in_flight_));
+  publish_lines(&channel_.control().requests, kLineSize);  // flush mode: the queue side's statistics line
   if (redriven) log(LogLevel::Info, "channel %u: re-drove %zu outstanding entries to backend epoch %llu", index(),
                     redriven, static_cast<unsigned long long>(binding_.backend_epoch));
   lock.unlock();
@@ -199,6 +201,7 @@ void ChannelQueue::push(std::unique_lock<std::mutex>&, std::uint32_t slot) {
   add_relaxed(control.requests, std::uint64_t{1});
   add_relaxed(control.bytes, std::uint64_t{entry.submission.length});
   store_relaxed(control.in_flight, static_cast<std::uint64_t>(in_flight_));
+  publish_lines(&channel_.control().requests, kLineSize);  // flush mode: the queue side's statistics line
   work_.notify_one();
 }
 
@@ -337,7 +340,10 @@ void ChannelQueue::finish_if_done(std::unique_lock<std::mutex>& lock, Request& r
   auto node = requests_.extract(&request);
   if (node.empty()) return;
   std::unique_ptr<Request> owned = std::move(node.mapped());
-  if (owned->error) add_relaxed(channel_.control().errors, std::uint64_t{1});
+  if (owned->error) {
+    add_relaxed(channel_.control().errors, std::uint64_t{1});
+    publish_lines(&channel_.control().requests, kLineSize);  // flush mode: the queue side's statistics line
+  }
   Replier* replier = owned->replier;
   if (replier) {
     lock.unlock();
@@ -472,6 +478,7 @@ void ChannelQueue::complete(std::unique_lock<std::mutex>& lock, const Completion
   entry.result_crc = completion.data_crc;
   --in_flight_;
   store_relaxed(channel_.control().in_flight, static_cast<std::uint64_t>(in_flight_));
+  publish_lines(&channel_.control().requests, kLineSize);  // flush mode: the queue side's statistics line
   deliver(lock, *entry.request);
 }
 
@@ -487,6 +494,7 @@ void ChannelQueue::fail_in_flight(std::unique_lock<std::mutex>& lock, int error)
     }
   }
   store_relaxed(channel_.control().in_flight, static_cast<std::uint64_t>(in_flight_));
+  publish_lines(&channel_.control().requests, kLineSize);  // flush mode: the queue side's statistics line
   std::sort(affected.begin(), affected.end());
   affected.erase(std::unique(affected.begin(), affected.end()), affected.end());
   for (Request* request : affected) {

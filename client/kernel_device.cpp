@@ -20,6 +20,7 @@
 #include "client/nbd_netlink.hpp"
 #include "client/threaded_sink.hpp"
 #include "common/error.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/unique_fd.hpp"
@@ -182,6 +183,7 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
   kernel_ends.clear();              // the kernel holds its own references
   BlkdevSlot& slot = transport.blkdev(blkdev.index());
   store_release(slot.kernel_device, options.index + 1);
+  publish_lines(&slot, sizeof slot);
 
   // The kernel sets the capacity as part of CONNECT; wait until the block
   // device shows it, so whoever runs next can open and use it.
@@ -233,6 +235,7 @@ int serve_kernel_device(const Transport& transport, const BlkdevOptions& blkdev_
     log(LogLevel::Info, "%s: the kernel detached it", device.c_str());
   }
   store_release(slot.kernel_device, 0u);
+  publish_lines(&slot, sizeof slot);
   ::signal(SIGTERM, SIG_DFL);
   ::signal(SIGINT, SIG_DFL);
   ::signal(SIGHUP, SIG_DFL);

@@ -5,6 +5,7 @@
 
 #include "client/commands.hpp"
 #include "client/slot_survey.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/printable.hpp"
 #include "common/region.hpp"
 #include "common/shared_atomic.hpp"
@@ -48,6 +49,9 @@ struct Described {
 
 Described describe_slot(const Transport& t, const SurveyedSlot& s) {
   const SlotHeader& h = *s.header;
+  // Flush mode: read the whole slot (or control block) from memory.
+  static_assert(sizeof(HostSlot) == sizeof(BackendSlot) && sizeof(HostSlot) == sizeof(BlkdevSlot));
+  refresh_lines(&h, s.kind == SlotKind::Channel ? sizeof(ChannelControl) : sizeof(HostSlot));
   const std::uint32_t owner_host = load_relaxed(h.owner_host);
   const std::uint64_t owner_pid = load_relaxed(h.owner_pid);
   Json json = {{"id", s.index},

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "common/error.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 
@@ -135,7 +136,10 @@ void BackendService::publish_backend() {
   store_relaxed(slot.block_preferred, std::max(info.block_preferred, info.block_min));
   store_relaxed(slot.block_max, context_.limits.block_max);
   store_relaxed(slot.caps, caps_);
+  // Flush mode: the fields reach memory before the size that publishes them.
+  publish_lines(&slot, sizeof slot);
   store_release(slot.export_size, info.size);
+  publish_lines(&slot.export_size, sizeof slot.export_size);
   backend_.beat();
 }
 
@@ -184,7 +188,11 @@ void BackendService::stop() {
   for (auto& handler : handlers_) handler->join();
   handlers_.clear();
   heartbeat_.reset();
-  if (backend_.owned()) store_release(transport_.backend(backend_.index()).export_size, std::uint64_t{0});
+  if (backend_.owned()) {
+    BackendSlot& slot = transport_.backend(backend_.index());
+    store_release(slot.export_size, std::uint64_t{0});
+    publish_lines(&slot.export_size, sizeof slot.export_size);
+  }
   const bool lost = serving_lost_;
   backend_.reset();
   host_.reset();

@@ -411,6 +411,7 @@ bool ChannelHandler::publish() {
   ChannelControl& control = channel_.control();
   if (completed_since_publish_) add_relaxed(control.handler_completed, completed_since_publish_);
   if (errors_since_publish_) add_relaxed(control.handler_errors, errors_since_publish_);
+  if (channel_.mode().flush) write_back_lines(&control.attached_generation, kLineSize);  // the handler's line
   completed_since_publish_ = errors_since_publish_ = 0;
   return true;
 }
@@ -420,6 +421,7 @@ void ChannelHandler::heartbeat(std::chrono::steady_clock::time_point now, std::c
   if (!still_ours()) return;
   last_beat_ = now;
   add_relaxed(channel_.control().handler_heartbeat, std::uint64_t{1});
+  if (channel_.mode().flush) write_back_lines(&channel_.control().attached_generation, kLineSize);
 }
 
 }  // namespace cbd::backend

@@ -184,8 +184,11 @@ void HandlerThread::run() {
   // Tell the queue side this handler is gone (attached_generation is ours),
   // unless it already moved to another generation.
   for (auto& handler : channels_) {
-    if (handler->serving() && should_keep(*handler))
-      store_release(handler->channel().control().attached_generation, std::uint64_t{0});
+    if (handler->serving() && should_keep(*handler)) {
+      ChannelControl& control = handler->channel().control();
+      store_release(control.attached_generation, std::uint64_t{0});
+      if (handler->channel().mode().flush) write_back_lines(&control.attached_generation, kLineSize);
+    }
     handler->detach();
     context_.channel_serving[handler->index()].store(false, std::memory_order_seq_cst);
   }
