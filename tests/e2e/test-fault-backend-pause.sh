@@ -14,7 +14,7 @@ fio --enghelp=nbd >/dev/null 2>&1 || skip "this fio has no nbd engine"
 
 dead_after_ms=500
 jobs=2
-region=$((256 * 1024 * 1024))
+region=$((128 * 1024 * 1024))
 backing=$TEST_DIR/backing.img
 truncate -s $((jobs * region)) "$backing"
 
@@ -30,6 +30,9 @@ uri=$PROXY_URI
 rw=randwrite
 bsrange=4k-256k
 iodepth=16
+# Paced, so that fio is still writing or verifying when backend 2 is
+# killed however fast the machine is (about 6 s per phase).
+rate=20m,20m
 size=$region
 offset_increment=$region
 numjobs=$jobs
@@ -47,10 +50,17 @@ requests() { list_json | jq '[.channels[]? | .requests] | add // 0'; }
 backend0() { list_json | jq -c '.backends[]? | select(.id == 0)'; }
 owned_by() { backend0 | jq -e --argjson pid "$1" '.owner_pid == $pid and .state == "live"' >/dev/null; }
 fio_running() { kill -0 "$fio_pid" 2>/dev/null; }
+# fio_gone WHEN: fail, showing what fio reported.
+fio_gone() {
+    wait "$fio_pid" || log "fio exited with status $?"
+    jq -r '.jobs[] | "job \(.jobname): read \(.read.io_bytes) B, write \(.write.io_bytes) B, error \(.error)"' \
+        "$TEST_DIR/fio.json" >&2 || cat "$TEST_DIR/fio.json" >&2 || true
+    fail "fio ended $1"
+}
 
 deadline=$((SECONDS + 60))
 until (($(requests) > 200)); do
-    fio_running || fail "fio ended before backend 1 could be paused"
+    fio_running || fio_gone "before backend 1 could be paused"
     ((SECONDS < deadline)) || fail "fio made no progress"
     sleep 0.05
 done
@@ -59,7 +69,7 @@ done
 kill -STOP "$backend1"
 log "backend 1 (pid $backend1) paused after $(requests) requests"
 sleep "$(echo "2 * $dead_after_ms / 1000" | bc -l)"
-fio_running || fail "fio ended while backend 1 was paused (it must wait, not fail)"
+fio_running || fio_gone "while backend 1 was paused (it must wait, not fail)"
 
 # 2. Backend 2 takes the slot over (it waits dead-after on its own clock).
 start_backend file="$backing" backend-id=0
@@ -82,7 +92,7 @@ resumed() { ! fio_running || (($(requests) > before + 50)); }
 _wait_until 60 "I/O to resume through backend 2" resumed
 
 # 4. Kill backend 2; backend 3 must take over within dead-after + 1 s.
-fio_running || fail "fio ended before backend 2 could be killed"
+fio_running || fio_gone "before backend 2 could be killed"
 log "killing backend 2 after $(requests) requests"
 crash_process "$backend2"
 killed_at=$(now)
