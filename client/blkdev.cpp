@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "common/error.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
@@ -36,6 +37,7 @@ std::optional<ExportInfo> read_backend_export(const Transport& transport, std::u
                                               std::uint64_t* epoch) {
   if (backend_id >= transport.backend_count()) return std::nullopt;
   const BackendSlot& slot = transport.backend(backend_id);
+  refresh_lines(&slot, sizeof slot);  // flush mode: the backend wrote it back
   std::uint64_t word = load_acquire(slot.header.state);
   if (state_of(word) != SlotState::Live) return std::nullopt;
   // export_size is stored last (release) by the backend: nonzero means the
@@ -91,6 +93,7 @@ Blkdev::Blkdev(const Transport& transport, const BlkdevOptions& options)
     store_relaxed(blkdev.backend_id, options.backend_id);
     store_relaxed(blkdev.backend_epoch, epoch);
     store_relaxed(blkdev.kernel_device, 0u);  // a former owner killed while serving /dev/nbdN left it set
+    publish_lines(&blkdev, sizeof blkdev);
     blkdev_index_.store(blkdev_.index());
   }
 
@@ -110,6 +113,7 @@ Blkdev::Blkdev(const Transport& transport, const BlkdevOptions& options)
     log(LogLevel::Warning, "only %zu of %u channels were free; serving with %zu queues", channels.size(),
         options.queues, channels.size());
   store_relaxed(transport.blkdev(blkdev_.index()).queue_count, static_cast<std::uint32_t>(channels.size()));
+  publish_lines(&transport.blkdev(blkdev_.index()), sizeof(BlkdevSlot));
 
   for (SlotClaim& claim : channels) {
     {
@@ -203,6 +207,7 @@ bool Blkdev::reclaim_lost(const std::vector<bool>& channel_lost, bool host_lost,
     store_relaxed(slot.backend_epoch, bound_epoch_);
     store_relaxed(slot.kernel_device, kernel_device_.load());
     store_relaxed(slot.queue_count, static_cast<std::uint32_t>(loops_.size()));
+    publish_lines(&slot, sizeof slot);  // flush mode
     blkdev_ = std::move(blkdev);
     blkdev_index_.store(blkdev_.index());
     blkdev_changed = true;
@@ -291,7 +296,11 @@ void Blkdev::watch_backend() {
       bound_epoch_ = epoch;
       {
         std::lock_guard lock(claims_mutex_);
-        if (blkdev_.owned()) store_relaxed(transport_.blkdev(blkdev_.index()).backend_epoch, epoch);
+        if (blkdev_.owned()) {
+          BlkdevSlot& slot = transport_.blkdev(blkdev_.index());
+          store_relaxed(slot.backend_epoch, epoch);
+          publish_lines(&slot, sizeof slot);  // flush mode
+        }
       }
       for (auto& loop : loops_) loop->set_up(binding());
       set_up_at_ = now;
@@ -332,7 +341,10 @@ void Blkdev::watch_backend() {
 void Blkdev::set_kernel_device(std::uint32_t value) {
   std::lock_guard lock(claims_mutex_);
   kernel_device_.store(value);
-  if (blkdev_.owned()) store_release(transport_.blkdev(blkdev_.index()).kernel_device, value);
+  if (!blkdev_.owned()) return;
+  BlkdevSlot& slot = transport_.blkdev(blkdev_.index());
+  store_release(slot.kernel_device, value);
+  publish_lines(&slot, sizeof slot);  // flush mode
 }
 
 }  // namespace cbd::proxy

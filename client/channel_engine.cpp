@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common/crc32c.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 
@@ -131,6 +132,7 @@ bool ChannelEngine::stage(std::uint32_t slot) {
   ChannelControl& control = channel_.control();
   add_relaxed(control.requests, std::uint64_t{1});
   add_relaxed(control.bytes, std::uint64_t{entry.submission.length});
+  publish_lines(&control.requests, kLineSize);  // flush mode: the queue side's statistics line
   return true;
 }
 
@@ -145,6 +147,7 @@ void ChannelEngine::publish() {
 void ChannelEngine::update_in_flight_counter() {
   if (lost_) return;
   store_relaxed(channel_.control().in_flight, static_cast<std::uint64_t>(in_flight_));
+  publish_lines(&channel_.control().requests, kLineSize);  // flush mode: the queue side's statistics line
 }
 
 void ChannelEngine::complete_locally(std::uint32_t slot, int error) {
@@ -197,7 +200,10 @@ bool ChannelEngine::accept(const CompletionEntry& completion, std::uint32_t& slo
   entry.result_crc = completion.data_crc;
   --in_flight_;
   --outstanding_;
-  if (entry.status) add_relaxed(channel_.control().errors, std::uint64_t{1});
+  if (entry.status) {
+    add_relaxed(channel_.control().errors, std::uint64_t{1});
+    publish_lines(&channel_.control().requests, kLineSize);  // flush mode: the queue side's statistics line
+  }
   slot_out = static_cast<std::uint32_t>(slot);
   return true;
 }

@@ -20,6 +20,7 @@
 #include "client/nbd_handshake.hpp"
 #include "client/nbd_netlink.hpp"
 #include "common/error.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/layout.hpp"
 #include "common/shared_atomic.hpp"

@@ -5,6 +5,7 @@
 
 #include "client/commands.hpp"
 #include "client/slot_survey.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/printable.hpp"
 #include "common/region.hpp"
 #include "common/shared_atomic.hpp"
@@ -48,6 +49,9 @@ struct Described {
 
 Described describe_slot(const Transport& t, const SurveyedSlot& s) {
   const SlotHeader& h = *s.header;
+  // Flush mode: read the whole slot (or control block) from memory.
+  static_assert(sizeof(HostSlot) == sizeof(BackendSlot) && sizeof(HostSlot) == sizeof(BlkdevSlot));
+  refresh_lines(&h, s.kind == SlotKind::Channel ? sizeof(ChannelControl) : sizeof(HostSlot));
   const std::uint32_t owner_host = load_relaxed(h.owner_host);
   const std::uint64_t owner_pid = load_relaxed(h.owner_pid);
   Json json = {{"id", s.index},
@@ -102,7 +106,11 @@ Described describe_slot(const Transport& t, const SurveyedSlot& s) {
                           errors = load_relaxed(c.errors), in_flight = load_relaxed(c.in_flight);
       json["backend"] = load_relaxed(c.backend_id);
       json["blkdev"] = load_relaxed(c.blkdev_id);
+      json["backend_epoch"] = load_relaxed(c.backend_epoch);
       json["generation"] = load_relaxed(c.generation);
+      // The epoch of the backend instance that attached last: which one
+      // serves (or last served) the channel.
+      json["handler_backend_epoch"] = load_relaxed(c.handler_backend_epoch);
       json["attached"] = attached;
       json["requests"] = requests;
       json["bytes"] = bytes;

@@ -1,5 +1,6 @@
 #include "common/liveness.hpp"
 
+#include "common/flush_ranges.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
 
@@ -15,6 +16,7 @@ const char* liveness_name(Liveness liveness) {
 }
 
 Liveness LivenessObserver::observe(std::uint64_t key, const SlotHeader& header, Clock::time_point now) {
+  refresh_lines(&header, sizeof header);  // flush mode: read the heartbeat from memory
   std::uint64_t word = load_acquire(header.state);
   std::uint64_t heartbeat = load_acquire(header.heartbeat);
   auto [it, inserted] = samples_.try_emplace(key, Sample{word, heartbeat, now});

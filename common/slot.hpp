@@ -5,12 +5,18 @@
 // (e + 1, Free).  Because each transition changes the word, a former owner
 // (or a reclaimer acting on a stale view) can never succeed against a slot
 // that has since changed hands.
+//
+// In flush mode (flush_ranges.hpp) every function here invalidates the
+// header's line before it reads it and writes it back after it wrote it.
+// The compare-and-swaps themselves still need memory that is coherent
+// between hosts (docs/design.md §2, "Flush mode").
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <unistd.h>
 
+#include "common/flush_ranges.hpp"
 #include "common/layout.hpp"
 #include "common/shared_atomic.hpp"
 
@@ -47,6 +53,7 @@ bool mark_stopping(SlotHeader& header, std::uint64_t& claimed_word);
 // Observer: frees a slot whose owner is dead, if its word is still `seen`.
 bool reclaim(SlotHeader& header, std::uint64_t seen);
 inline bool still_owned(const SlotHeader& header, std::uint64_t claimed_word) {
+  refresh_lines(&header, sizeof header);
   return load_acquire(header.state) == claimed_word;
 }
 

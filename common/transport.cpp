@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "common/cache_lines.hpp"
 #include "common/crc32c.hpp"
 #include "common/error.hpp"
 #include "common/shared_atomic.hpp"
@@ -238,14 +239,24 @@ void format(Region& region, const FormatOptions& options) {
   Superblock sb = plan_format(options, region.size());
   // Clear the superblock first so no one attaches to a half-written format,
   // then every slot and channel control block (data areas need no clearing).
+  // Flush mode: each step is written back before the next, so a host that
+  // sees the new superblock sees cleared slots.
+  const bool flush = options.flush;
   std::memset(region.base(), 0, kPageSize);
+  if (flush) write_back_lines(region.base(), kPageSize);
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  for (const AreaGeometry* area : {&sb.hosts, &sb.backends, &sb.blkdevs})
+  for (const AreaGeometry* area : {&sb.hosts, &sb.backends, &sb.blkdevs}) {
     std::memset(region.base() + area->offset, 0, std::uint64_t{area->slot_size} * area->count);
-  for (std::uint32_t i = 0; i < sb.channels.count; ++i)
-    std::memset(region.base() + sb.channels.offset + std::uint64_t{i} * sb.channels.slot_size, 0, sb.channel.data_offset);
+    if (flush) write_back_lines(region.base() + area->offset, std::uint64_t{area->slot_size} * area->count);
+  }
+  for (std::uint32_t i = 0; i < sb.channels.count; ++i) {
+    std::byte* control = region.base() + sb.channels.offset + std::uint64_t{i} * sb.channels.slot_size;
+    std::memset(control, 0, sb.channel.data_offset);
+    if (flush) write_back_lines(control, sb.channel.data_offset);
+  }
   std::atomic_thread_fence(std::memory_order_seq_cst);
   std::memcpy(region.base(), &sb, sizeof sb);
+  if (flush) write_back_lines(region.base(), sizeof sb);
   if (region.kind() == RegionKind::File) ::msync(region.base(), kPageSize, MS_SYNC);
 }
 
@@ -276,6 +287,9 @@ Transport::Transport(Region region) : region_(std::move(region)) {
   }
   mode_.checksum = sb.features_incompat & kFeatureChecksum;
   mode_.flush = sb.features_incompat & kFeatureFlush;
+  // Slot headers and fields are written through bare pointers: let them
+  // find out that this memory is in flush mode.
+  if (mode_.flush) flush_range_ = FlushModeRange(region_.base(), region_.size());
 }
 
 Transport Transport::attach(const std::string& path) { return Transport(Region::open(path)); }
@@ -296,6 +310,7 @@ ChannelControl& Transport::channel_control(std::uint32_t i) const {
 std::byte* Transport::channel_base(std::uint32_t i) const { return slot(superblock_.channels, i); }
 
 std::string read_name(const char (&field)[kNameSize]) {
+  refresh_lines(field, kNameSize);
   char copy[kNameSize];
   std::memcpy(copy, field, kNameSize);  // one snapshot; a peer may be writing
   return std::string(copy, strnlen(copy, kNameSize));
@@ -304,6 +319,7 @@ std::string read_name(const char (&field)[kNameSize]) {
 void write_name(char (&field)[kNameSize], const std::string& value) {
   std::memset(field, 0, kNameSize);
   std::memcpy(field, value.data(), std::min<std::size_t>(value.size(), kNameSize));
+  publish_lines(field, kNameSize);
 }
 
 }  // namespace cbd

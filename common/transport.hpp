@@ -6,6 +6,7 @@
 #include <span>
 #include <string>
 
+#include "common/flush_ranges.hpp"
 #include "common/layout.hpp"
 #include "common/region.hpp"
 
@@ -78,6 +79,7 @@ class Transport {
   Region region_;
   Superblock superblock_{};
   MemoryMode mode_{};
+  FlushModeRange flush_range_;  // after region_: unregistered before it is unmapped
 };
 
 // Copies a NUL-padded name field out of shared memory (never reads past it).

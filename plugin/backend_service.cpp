@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "common/error.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 
@@ -135,7 +136,10 @@ void BackendService::publish_backend() {
   store_relaxed(slot.block_preferred, std::max(info.block_preferred, info.block_min));
   store_relaxed(slot.block_max, context_.limits.block_max);
   store_relaxed(slot.caps, caps_);
+  // Flush mode: the fields reach memory before the size that publishes them.
+  publish_lines(&slot, sizeof slot);
   store_release(slot.export_size, info.size);
+  publish_lines(&slot.export_size, sizeof slot.export_size);
   backend_.beat();
 }
 
@@ -154,7 +158,8 @@ void BackendService::start() {
   publish_backend();
   context_.backend_index = backend_.index();
   context_.backend_epoch = backend_.epoch();
-  context_.backend_lost = false;
+  context_.fence.arm(transport_.backend(backend_.index()).header, backend_.epoch(), transport_.mode());
+  serving_lost_ = false;
   refresh_allowed_hosts();
   log(LogLevel::Info, "backend slot %u (epoch %llu) on host slot %u (%s): export \"%s\", %llu bytes, block_max %u",
       backend_.index(), static_cast<unsigned long long>(backend_.epoch()), host_.index(), config_.hostname.c_str(),
@@ -173,36 +178,63 @@ void BackendService::start() {
 void BackendService::stop() {
   if (!running_) return;
   running_ = false;
-  // Queue sides see Stopping and submit nothing new.
-  backend_.stopping();
+  // Queue sides see Stopping and submit nothing new.  Under the claims
+  // mutex: the heartbeat thread beats with the claim's word.
+  {
+    std::lock_guard<std::mutex> lock(claims_mutex_);
+    backend_.stopping();
+  }
   for (auto& handler : handlers_) handler->request_stop();
   for (auto& handler : handlers_) handler->join();
   handlers_.clear();
   heartbeat_.reset();
-  if (backend_.owned()) store_release(transport_.backend(backend_.index()).export_size, std::uint64_t{0});
+  if (backend_.owned()) {
+    BackendSlot& slot = transport_.backend(backend_.index());
+    store_release(slot.export_size, std::uint64_t{0});
+    publish_lines(&slot.export_size, sizeof slot.export_size);
+  }
+  const bool lost = serving_lost_;
   backend_.reset();
   host_.reset();
-  log(LogLevel::Info, "backend stopped; slots released");
+  if (lost)
+    log(LogLevel::Info, "backend stopped (it had lost its backend slot; it released nothing of it)");
+  else
+    log(LogLevel::Info, "backend stopped; slots released");
 }
 
 void BackendService::heartbeat_tick() {
-  host_.beat();
-  backend_.beat();
-  const std::uint64_t state = load_acquire(transport_.backend(context_.backend_index).header.state);
-  // Any take-over or release bumps the epoch; Live → Stopping (our own
-  // stop) keeps it.
-  const bool ours = epoch_of(state) == context_.backend_epoch && state_of(state) != SlotState::Free;
-  if (!ours && !context_.backend_lost.load()) {
-    context_.backend_lost = true;
-    if (!lost_logged_)
-      log(LogLevel::Error,
-          "backend slot %u was taken over by another backend (we were judged dead); serving no channels any more",
-          context_.backend_index);
-    lost_logged_ = true;
+  std::lock_guard<std::mutex> lock(claims_mutex_);
+  // Lost for good: write nothing to the transport any more, not even a
+  // reclaim of a dead peer's slot (its binding is the new owner's business).
+  if (serving_lost_) return;
+  // The fenced beat fails once the slot changed hands (docs/design.md §4);
+  // the handlers' fence may have seen it first.
+  if (!backend_.beat() || !context_.fence.holds()) {
+    lose_backend();
+    return;
+  }
+  if (!host_.beat() && !host_lost_logged_) {
+    host_lost_logged_ = true;
+    log(LogLevel::Error, "host slot %u was taken over (we were judged dead); no longer beating it", host_.index());
   }
   refresh_allowed_hosts();
   sweep_channels();
   sweep_blkdevs();
+}
+
+void BackendService::lose_backend() {
+  serving_lost_ = true;
+  context_.fence.lose();
+  const SlotHeader& header = transport_.backend(context_.backend_index).header;
+  const std::uint64_t word = load_acquire(header.state);
+  log(LogLevel::Error,
+      "backend slot %u was taken over by epoch %llu (%s, pid %u): this instance stops serving the transport; "
+      "nbdkit's own NBD export keeps serving",
+      context_.backend_index, static_cast<unsigned long long>(epoch_of(word)), slot_state_name(state_of(word)),
+      load_relaxed(header.owner_pid));
+  // Hold nothing: our host slot goes too (a CAS on our own word: it fails
+  // harmlessly if that slot changed hands as well).
+  host_.reset();
 }
 
 void BackendService::refresh_allowed_hosts() {

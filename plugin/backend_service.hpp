@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -67,6 +68,9 @@ class BackendService {
   void claim_backend();
   void publish_backend();
   void heartbeat_tick();
+  // Our backend slot was taken over: trip the fence, log once, release the
+  // host slot.  Called by the heartbeat thread with claims_mutex_ held.
+  void lose_backend();
   void refresh_allowed_hosts();
   void sweep_channels();
   void sweep_blkdevs();
@@ -76,6 +80,8 @@ class BackendService {
   BackendConfig config_;
   std::uint32_t caps_ = 0;
   ServingContext context_;
+  // The heartbeat thread and stop() both use the claims.
+  std::mutex claims_mutex_;
   SlotClaim host_;
   SlotClaim backend_;
   std::unique_ptr<PeriodicThread> heartbeat_;
@@ -83,7 +89,8 @@ class BackendService {
   // Used only by the heartbeat thread.
   LivenessObserver liveness_;
   std::vector<std::uint64_t> refused_generation_logged_;
-  bool lost_logged_ = false;
+  bool serving_lost_ = false;  // with claims_mutex_
+  bool host_lost_logged_ = false;
   bool running_ = false;
 };
 

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 
+#include "common/cache_lines.hpp"
 #include "common/shared_atomic.hpp"
 
 namespace cbd::backend {
@@ -161,12 +162,32 @@ InFlight InFlightTable::take(std::uint64_t index) {
 }
 
 ChannelHandler::ChannelHandler(const Transport& transport, std::uint32_t index, Store& store,
-                               const ExportLimits& limits)
+                               const ExportLimits& limits, const BackendFence& fence)
     : channel_(transport, index),
       store_(store),
+      fence_(fence),
       limits_(limits),
       submissions_(channel_.submission_consumer()),
       completions_(channel_.completion_producer()) {}
+
+bool ChannelHandler::still_ours() {
+  if (!serving_) return false;
+  const char* why = nullptr;
+  if (!fence_.holds()) {
+    why = "our backend slot was taken over";
+  } else {
+    const ChannelControl& control = channel_.control();
+    if (channel_.mode().flush) invalidate_lines(&control.generation, sizeof control.generation);
+    if (load_acquire(control.generation) != generation_) why = "the queue side set it up again";
+  }
+  if (!why) return true;
+  std::uint64_t suppressed = 0;
+  if (fenced_limit_.allow(&suppressed))
+    log(LogLevel::Info, "channel %u: stopped serving generation %llu: %s (%llu more suppressed)", index(),
+        static_cast<unsigned long long>(generation_), why, static_cast<unsigned long long>(suppressed));
+  detach();
+  return false;
+}
 
 void ChannelHandler::attach(std::uint64_t generation, std::uint64_t backend_epoch) {
   channel_.handler_attach(generation, backend_epoch);
@@ -194,8 +215,10 @@ void ChannelHandler::detach() {
 unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, unsigned budget) {
   // Back-pressure: while completions wait for room, take nothing new.
   if (!serving_ || broken_ || !overflow_.empty()) return 0;
-  unsigned taken = 0;
-  while (taken < budget && queue.room() > 0 && !table.full()) {
+  // Each entry needs at most one store request and one in-flight record.
+  const unsigned limit = std::min({budget, queue.room(), table.room()});
+  batch_.clear();
+  while (batch_.size() < limit) {
     SubmissionEntry entry;
     PopStatus status = submissions_.pop(entry);
     if (status == PopStatus::Empty) break;
@@ -216,9 +239,22 @@ unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, u
             index(), static_cast<unsigned long long>(generation_));
       break;
     }
-    ++taken;
     broken_since_ = {};
-    if (status == PopStatus::Corrupt) {
+    batch_.push_back({entry, status == PopStatus::Corrupt});
+  }
+  const auto taken = static_cast<unsigned>(batch_.size());
+  if (taken == 0) return 0;
+  // The entries are private copies now.  This thread may have been paused
+  // since it last looked (SIGSTOP, a VM pause) and its slot or the channel
+  // handed on meanwhile: check before anything is written back or run.
+  if (!still_ours()) return taken;
+  submissions_.release();  // hand their slots back at once
+  for (std::size_t i = 0; i < batch_.size(); ++i) {
+    const SubmissionEntry& entry = batch_[i].entry;
+    // Again before each one: with a synchronous store an entry may run for
+    // long, and the pause may come between two of them.
+    if (i > 0 && !still_ours()) return taken;
+    if (batch_[i].corrupt) {
       std::uint64_t suppressed = 0;
       if (bad_entry_limit_.allow(&suppressed))
         log(LogLevel::Warning, "channel %u: corrupt submission entry (tag %#llx), failed with EIO (%llu more suppressed)",
@@ -226,15 +262,25 @@ unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, u
       complete(entry.tag, EIO);
       continue;
     }
+    if (entry.generation != static_cast<std::uint32_t>(generation_)) {
+      // Produced for another generation (a stale or forged entry): nobody
+      // of this generation waits for it, so it is neither run nor completed.
+      std::uint64_t suppressed = 0;
+      if (stale_entry_limit_.allow(&suppressed))
+        log(LogLevel::Warning,
+            "channel %u: dropped an entry of generation %u (tag %#llx) in generation %u, not executed (%llu more "
+            "suppressed)",
+            index(), entry.generation, static_cast<unsigned long long>(entry.tag),
+            static_cast<std::uint32_t>(generation_), static_cast<unsigned long long>(suppressed));
+      continue;
+    }
     start(entry, queue, table);
   }
-  // The entries are private copies now: hand their slots back at once.
-  submissions_.release();
   return taken;
 }
 
 unsigned ChannelHandler::fail_waiting(int status) {
-  if (!serving_ || broken_) return 0;
+  if (!serving_ || broken_ || !still_ours()) return 0;
   unsigned failed = 0;
   SubmissionEntry entry;
   for (;;) {
@@ -339,6 +385,9 @@ void ChannelHandler::complete(std::uint64_t tag, int status, std::uint32_t resul
   completion.status = status;
   completion.result_length = result_length;
   completion.data_crc = data_crc;
+  completion.generation = static_cast<std::uint32_t>(generation_);
+  // Staging writes the ring: fenced like every other write to the channel.
+  if (!still_ours()) return;  // nobody of ours waits for it any more
   ++completed_since_publish_;
   if (status != 0) ++errors_since_publish_;
   // Keep completion order: once one waits, later ones wait behind it.
@@ -350,7 +399,8 @@ void ChannelHandler::complete(std::uint64_t tag, int status, std::uint32_t resul
 }
 
 bool ChannelHandler::publish() {
-  if (!serving_) return false;
+  if (!serving_ || (overflow_.empty() && !staged_)) return false;
+  if (!still_ours()) return false;
   while (!overflow_.empty() && completions_.stage(overflow_.front())) {
     overflow_.pop_front();
     staged_ = true;
@@ -361,14 +411,17 @@ bool ChannelHandler::publish() {
   ChannelControl& control = channel_.control();
   if (completed_since_publish_) add_relaxed(control.handler_completed, completed_since_publish_);
   if (errors_since_publish_) add_relaxed(control.handler_errors, errors_since_publish_);
+  if (channel_.mode().flush) write_back_lines(&control.attached_generation, kLineSize);  // the handler's line
   completed_since_publish_ = errors_since_publish_ = 0;
   return true;
 }
 
 void ChannelHandler::heartbeat(std::chrono::steady_clock::time_point now, std::chrono::milliseconds interval) {
   if (!serving_ || now - last_beat_ < interval) return;
+  if (!still_ours()) return;
   last_beat_ = now;
   add_relaxed(channel_.control().handler_heartbeat, std::uint64_t{1});
+  if (channel_.mode().flush) write_back_lines(&channel_.control().attached_generation, kLineSize);
 }
 
 }  // namespace cbd::backend

@@ -16,6 +16,7 @@
 #include "common/channel.hpp"
 #include "common/layout.hpp"
 #include "common/log.hpp"
+#include "plugin/backend_fence.hpp"
 #include "plugin/store.hpp"
 
 namespace cbd::backend {
@@ -61,6 +62,7 @@ class InFlightTable {
  public:
   explicit InFlightTable(unsigned capacity);
   bool full() const { return free_.empty(); }
+  unsigned room() const { return static_cast<unsigned>(free_.size()); }
   unsigned size() const { return static_cast<unsigned>(entries_.size() - free_.size()); }
   std::uint32_t add(const InFlight& request);
   // Removes and returns the request; a channel of nullptr for an index that
@@ -75,7 +77,10 @@ class InFlightTable {
 
 class ChannelHandler {
  public:
-  ChannelHandler(const Transport& transport, std::uint32_t index, Store& store, const ExportLimits& limits);
+  // `fence` answers whether our backend slot is still ours; it outlives the
+  // handler.
+  ChannelHandler(const Transport& transport, std::uint32_t index, Store& store, const ExportLimits& limits,
+                 const BackendFence& fence);
   ChannelHandler(const ChannelHandler&) = delete;
   ChannelHandler& operator=(const ChannelHandler&) = delete;
 
@@ -98,6 +103,11 @@ class ChannelHandler {
 
   // Takes up to `budget` entries: each one completes at once (invalid,
   // block status, zero-length) or goes to `queue`.  Returns how many.
+  // Fenced (docs/design.md §4): before the ring's slots are handed back and
+  // before each entry reaches the store, the backend slot and the channel's
+  // generation are checked again; if either moved on, the entries taken are
+  // dropped (neither executed nor completed) and the channel is detached.
+  // An entry stamped with another generation is dropped alone.
   unsigned take_entries(StoreQueue& queue, InFlightTable& table, unsigned budget);
   // Fails every entry waiting in the submission ring with `status` (used
   // when the backend stops).  Returns how many.
@@ -111,12 +121,23 @@ class ChannelHandler {
   void heartbeat(std::chrono::steady_clock::time_point now, std::chrono::milliseconds interval);
 
  private:
+  // The fence check before every write to the channel and every entry
+  // handed to the store: our backend slot is still ours and the channel is
+  // still at the generation we attached to.  Detaches when not.
+  bool still_ours();
   void start(const SubmissionEntry& entry, StoreQueue& queue, InFlightTable& table);
   void block_status(const SubmissionEntry& entry, std::byte* data);
   void complete(std::uint64_t tag, int status, std::uint32_t result_length = 0, std::uint32_t data_crc = 0);
 
+  // Entries popped in one take_entries() call, before the fence check.
+  struct Taken {
+    SubmissionEntry entry;
+    bool corrupt;
+  };
+
   Channel channel_;
   Store& store_;
+  const BackendFence& fence_;
   ExportLimits limits_;
   RingConsumer<SubmissionEntry> submissions_;
   RingProducer<CompletionEntry> completions_;
@@ -132,6 +153,9 @@ class ChannelHandler {
   std::chrono::steady_clock::time_point last_beat_{};
   RateLimit bad_entry_limit_;
   RateLimit broken_limit_;
+  RateLimit fenced_limit_;
+  RateLimit stale_entry_limit_;
+  std::vector<Taken> batch_;
 };
 
 }  // namespace cbd::backend

@@ -53,7 +53,8 @@ HandlerThread::HandlerThread(ServingContext& context, std::vector<std::uint32_t>
     : context_(context) {
   channels_.reserve(channel_indices.size());
   for (std::uint32_t index : channel_indices)
-    channels_.push_back(std::make_unique<ChannelHandler>(context.transport, index, context.store, context.limits));
+    channels_.push_back(
+        std::make_unique<ChannelHandler>(context.transport, index, context.store, context.limits, context.fence));
   thread_ = std::thread([this] { run(); });
 }
 
@@ -69,18 +70,20 @@ void HandlerThread::join() {
 bool HandlerThread::should_keep(const ChannelHandler& handler) const {
   Binding binding = read_binding(handler.channel());
   SlotState state = state_of(binding.word);
-  return !context_.backend_lost.load(std::memory_order_relaxed) && binding.backend_id == context_.backend_index &&
+  return context_.fence.holds() && binding.backend_id == context_.backend_index &&
          binding.backend_epoch == context_.backend_epoch && binding.generation == handler.generation() &&
          (state == SlotState::Live || state == SlotState::Stopping);
 }
 
 void HandlerThread::discover(std::chrono::steady_clock::time_point now) {
   const bool stopping = stopping_.load(std::memory_order_acquire);
+  // Once our backend slot is lost, no channel is ours: every one is
+  // detached and none attached again (no attached_generation store).
+  const bool held = context_.fence.holds();
   for (auto& handler : channels_) {
     const std::uint32_t index = handler->index();
     Binding binding = read_binding(handler->channel());
-    const bool ours = !context_.backend_lost.load(std::memory_order_relaxed) &&
-                      binding.backend_id == context_.backend_index &&
+    const bool ours = held && binding.backend_id == context_.backend_index &&
                       binding.backend_epoch == context_.backend_epoch &&
                       binding.owner_host < context_.transport.host_count() &&
                       context_.host_allowed[binding.owner_host].load(std::memory_order_relaxed) &&
@@ -103,7 +106,8 @@ void HandlerThread::discover(std::chrono::steady_clock::time_point now) {
         context_.channel_serving[index].store(true, std::memory_order_seq_cst);
         if (context_.channel_condemned[index].load(std::memory_order_seq_cst) == binding.word) attach = false;
       }
-      if (attach)
+      // The fence once more, right before the attach writes the channel.
+      if (attach && context_.fence.holds())
         handler->attach(binding.generation, context_.backend_epoch);
       else
         context_.channel_serving[index].store(false, std::memory_order_seq_cst);
@@ -180,8 +184,11 @@ void HandlerThread::run() {
   // Tell the queue side this handler is gone (attached_generation is ours),
   // unless it already moved to another generation.
   for (auto& handler : channels_) {
-    if (handler->serving() && should_keep(*handler))
-      store_release(handler->channel().control().attached_generation, std::uint64_t{0});
+    if (handler->serving() && should_keep(*handler)) {
+      ChannelControl& control = handler->channel().control();
+      store_release(control.attached_generation, std::uint64_t{0});
+      if (handler->channel().mode().flush) write_back_lines(&control.attached_generation, kLineSize);
+    }
     handler->detach();
     context_.channel_serving[handler->index()].store(false, std::memory_order_seq_cst);
   }

@@ -1,7 +1,8 @@
 // What the backend service shares with its handler threads: the export, our
 // slot identity, tunables, and the verdicts of the service's periodic scan
-// (which hosts may attach, which channels are dead).  Handler threads only
-// read it, except `channel_serving`, which each writes for its own channels.
+// (which hosts may attach, which channels are dead) and the backend fence.
+// Handler threads only read it, except `channel_serving`, which each writes
+// for its own channels, and the fence, which any of them may trip.
 #pragma once
 
 #include <atomic>
@@ -11,6 +12,7 @@
 
 #include "common/poller.hpp"
 #include "common/transport.hpp"
+#include "plugin/backend_fence.hpp"
 #include "plugin/handler.hpp"
 #include "plugin/store.hpp"
 
@@ -42,8 +44,10 @@ struct ServingContext {
   // By channel index: is a handler serving it (or still finishing its I/O)?
   // The service reclaims a dead channel only when this is false.
   std::unique_ptr<std::atomic<bool>[]> channel_serving;
-  // Our backend slot was taken over by someone else: serve nothing.
-  std::atomic<bool> backend_lost{false};
+  // Is our backend slot still ours?  Asked before every entry goes to the
+  // store and before every write to a channel; once it fails, nothing of
+  // the transport is written again.
+  BackendFence fence;
 };
 
 }  // namespace cbd::backend

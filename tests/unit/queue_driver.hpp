@@ -109,9 +109,11 @@ class QueueDriver {
     return p;
   }
 
-  // Stages an entry (a fresh tag unless one is set); false when the ring is full.
+  // Stages an entry (a fresh tag unless one is set, stamped with the
+  // current generation unless one is set); false when the ring is full.
   bool stage(SubmissionEntry& entry) {
     if (entry.tag == 0) entry.tag = next_tag_++;
+    if (entry.generation == 0) entry.generation = static_cast<std::uint32_t>(generation_);
     return submissions_.stage(entry);
   }
   void publish() { submissions_.publish(); }

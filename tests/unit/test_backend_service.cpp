@@ -12,9 +12,12 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <future>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -930,4 +933,242 @@ TEST_CASE("a channel set up again (new generation) or handed to a new owner is s
     refused = e.what();
   }
   CHECK(refused.find("no handler attached") != std::string::npos);
+}
+
+namespace {
+
+// A memory store that records every request it is given and can hold the
+// handler thread inside one write (its InlineStoreQueue runs requests in
+// place): the window in which a paused backend loses its slot.
+class GatedStore final : public Store {
+ public:
+  explicit GatedStore(std::uint64_t size) : memory_(size) {}
+
+  const StoreInfo& info() const override { return memory_.info(); }
+  int pread(void* buffer, std::size_t length, std::uint64_t offset) override {
+    record(offset);
+    return memory_.pread(buffer, length, offset);
+  }
+  int pwrite(const void* buffer, std::size_t length, std::uint64_t offset, bool fua) override {
+    record(offset);
+    if (offset == gate_offset_) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      held_ = true;
+      held_changed_.notify_all();
+      // Bounded: a test that fails never hangs the handler thread.
+      held_changed_.wait_for(lock, std::chrono::seconds(30), [this] { return open_; });
+    }
+    return memory_.pwrite(buffer, length, offset, fua);
+  }
+  int flush() override {
+    record(kFlushKey);
+    return 0;
+  }
+  int trim(std::uint64_t offset, std::uint64_t length, bool fua) override {
+    record(offset);
+    return memory_.trim(offset, length, fua);
+  }
+  int zero(std::uint64_t offset, std::uint64_t length, bool no_hole, bool fast, bool fua) override {
+    record(offset);
+    return memory_.zero(offset, length, no_hole, fast, fua);
+  }
+  int extents(std::uint64_t offset, std::uint64_t length, bool req_one, ExtentSink& sink) override {
+    record(offset);
+    return memory_.extents(offset, length, req_one, sink);
+  }
+  int cache(std::uint64_t offset, std::uint64_t) override {
+    record(offset);
+    return 0;
+  }
+
+  // A write at `offset` waits inside the store until open_gate().
+  void gate_at(std::uint64_t offset) { gate_offset_ = offset; }
+  bool wait_held(std::chrono::seconds timeout) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    return held_changed_.wait_for(lock, timeout, [this] { return held_; });
+  }
+  void open_gate() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = true;
+    held_changed_.notify_all();
+  }
+  // How many requests at `offset` the store was given.
+  unsigned seen(std::uint64_t offset) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = seen_.find(offset);
+    return it == seen_.end() ? 0 : it->second;
+  }
+
+  static constexpr std::uint64_t kFlushKey = ~std::uint64_t{0};
+
+ private:
+  void record(std::uint64_t offset) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++seen_[offset];
+  }
+
+  MemoryStore memory_;
+  std::atomic<std::uint64_t> gate_offset_{~std::uint64_t{0} - 1};
+  mutable std::mutex mutex_;
+  std::condition_variable held_changed_;
+  bool held_ = false;
+  bool open_ = false;
+  std::map<std::uint64_t, unsigned> seen_;
+};
+
+// The channel's handler-side words: none may move once the backend is fenced.
+struct HandlerWords {
+  std::uint64_t attached_generation, heartbeat, completed, errors, handler_epoch;
+  std::uint32_t sq_tail, cq_tail;
+  bool operator==(const HandlerWords&) const = default;
+};
+
+HandlerWords handler_words(const ChannelControl& control) {
+  return {load_acquire(control.attached_generation), load_acquire(control.handler_heartbeat),
+          load_acquire(control.handler_completed),   load_acquire(control.handler_errors),
+          load_acquire(control.handler_backend_epoch), load_acquire(control.sq_tail.value),
+          load_acquire(control.cq_tail.value)};
+}
+
+constexpr std::uint32_t kFenceLength = 4096;
+constexpr unsigned kFencedEntries = 8;
+// Export offsets of the entries queued behind the held write.
+std::uint64_t fenced_offset(unsigned i) { return (i + 1) * kMiB; }
+
+FormatOptions fence_options() {
+  FormatOptions options = transport_options();
+  options.heartbeat_interval_ms = 20;
+  options.dead_after_ms = 200;
+  return options;
+}
+
+// Pushes, in one batch, a write the store holds and kFencedEntries writes
+// and reads behind it; returns once the handler thread is inside the held one.
+void push_behind_held_write(Rig& rig, GatedStore& store) {
+  store.gate_at(0);
+  const Bytes bytes = pattern(kFenceLength, 40);
+  std::memcpy(rig.driver->data(0, kFenceLength), bytes.data(), kFenceLength);
+  SubmissionEntry held = make_io(Op::Write, 0, kFenceLength, 0);
+  REQUIRE(rig.driver->stage(held));
+  for (unsigned i = 0; i < kFencedEntries; ++i) {
+    SubmissionEntry e = make_io(i % 2 ? Op::Read : Op::Write, fenced_offset(i), kFenceLength, (i + 1) * kFenceLength);
+    REQUIRE(rig.driver->stage(e));
+  }
+  rig.driver->publish();
+  REQUIRE_MESSAGE(store.wait_held(std::chrono::seconds(20)), "the handler never reached the held write");
+}
+
+void check_none_executed(const GatedStore& store) {
+  for (unsigned i = 0; i < kFencedEntries; ++i) {
+    CAPTURE(i);
+    CHECK(store.seen(fenced_offset(i)) == 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("fencing: entries taken before the backend slot is taken over never reach the store") {
+  auto owned = std::make_unique<GatedStore>(kExportSize);
+  GatedStore& store = *owned;
+  Rig rig(std::move(owned), backend_config(), fence_options());
+  const ChannelControl& control = rig.driver->channel().control();
+  push_behind_held_write(rig, store);
+
+  // The handler is "paused" inside the store; meanwhile another instance
+  // takes the backend slot over (backend-id= after dead-after), which
+  // stores a fresh heartbeat and bumps the epoch.
+  SlotHeader& header = rig.transport.backend(rig.service->backend_index()).header;
+  const std::uint64_t word = load_acquire(header.state);
+  const auto taken_over = try_take_over(header, word, rig.driver->host_index());
+  REQUIRE(taken_over);
+  store.open_gate();
+
+  // Give the old instance ample time to run what it took, had it not been
+  // fenced, and to beat (and find its slot lost).
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const HandlerWords after_fence = handler_words(control);
+  check_none_executed(store);
+  // Nothing completed: not the held write, not the ones behind it.
+  CHECK_FALSE(rig.driver->pop(std::chrono::milliseconds(100)));
+  // The old instance writes nothing to the channel any more (heartbeat,
+  // counters, indices, attached_generation) and not to the slot either.
+  const std::uint64_t heartbeat = load_acquire(header.heartbeat);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(handler_words(control) == after_fence);
+  CHECK(load_acquire(header.heartbeat) == heartbeat);
+  CHECK(load_acquire(header.state) == *taken_over);
+  // Its host slot is released: it holds nothing.
+  CHECK(state_of(load_acquire(rig.transport.host(rig.service->host_index()).header.state)) == SlotState::Free);
+  rig.service->stop();  // still stops cleanly
+  CHECK(handler_words(control) == after_fence);
+  CHECK(load_acquire(header.state) == *taken_over);
+}
+
+TEST_CASE("fencing: entries taken before the channel is set up again never reach the store") {
+  auto owned = std::make_unique<GatedStore>(kExportSize);
+  GatedStore& store = *owned;
+  Rig rig(std::move(owned), backend_config(), fence_options());
+  push_behind_held_write(rig, store);
+  const std::uint64_t old_generation = rig.driver->generation();
+
+  // The queue side re-initialises the channel (a stall, a restart) while
+  // the handler is held; the handler re-attaches only once its I/O is done.
+  auto setup = std::async(std::launch::async, [&] { return rig.driver->setup(); });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (load_acquire(rig.driver->channel().control().generation) == old_generation &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  REQUIRE(load_acquire(rig.driver->channel().control().generation) != old_generation);
+  store.open_gate();
+  REQUIRE(setup.get());
+  check_none_executed(store);
+
+  // The new generation is served; nothing of the old one surfaces in it.
+  const Bytes bytes = pattern(kFenceLength, 41);
+  REQUIRE(rig.write(12 * kMiB, bytes) == 0);
+  CHECK(rig.read(12 * kMiB, kFenceLength) == bytes);
+  CHECK_FALSE(rig.driver->pop(std::chrono::milliseconds(50)));
+  check_none_executed(store);
+}
+
+TEST_CASE("fencing: an entry stamped with another generation is dropped; completions carry the generation") {
+  auto owned = std::make_unique<GatedStore>(kExportSize);
+  GatedStore& store = *owned;
+  Rig rig(std::move(owned), backend_config(), fence_options());
+  REQUIRE(rig.driver->setup());  // so that an older generation exists
+  const auto generation = static_cast<std::uint32_t>(rig.driver->generation());
+  REQUIRE(generation >= 2);
+
+  // Stale (an older generation) and forged (a future one): neither runs nor
+  // completes; the entry behind them does.
+  for (std::uint32_t other : {generation - 1, generation + 1}) {
+    CAPTURE(other);
+    SubmissionEntry stale = make_io(Op::Write, 3 * kMiB, kFenceLength, 0);
+    stale.generation = other;
+    REQUIRE(rig.driver->push(stale));
+    CompletionEntry next = rig.call(make_io(Op::Read, 4 * kMiB, kFenceLength, 0));  // throws on stale's tag
+    CHECK(next.status == 0);
+    CHECK(next.generation == generation);
+    CHECK(store.seen(3 * kMiB) == 0);
+  }
+
+  // Every completion carries the generation: success, refusal, failure.
+  CompletionEntry refused = rig.call(make_io(Op::Read, kExportSize, kFenceLength, 0));
+  CHECK(refused.status == EINVAL);
+  CHECK(refused.generation == generation);
+  CompletionEntry unknown = rig.call(make_entry(static_cast<Op>(99), 0, 0));
+  CHECK(unknown.status == EINVAL);
+  CHECK(unknown.generation == generation);
+  CompletionEntry flush = rig.call(make_entry(Op::Flush, 0, 0));
+  CHECK(flush.status == 0);
+  CHECK(flush.generation == generation);
+  CompletionEntry status = rig.call(make_entry(Op::BlockStatus, 0, k64K, 0, 64));
+  CHECK(status.status == 0);
+  CHECK(status.generation == generation);
+
+  // After a new set-up, the new generation is stamped.
+  REQUIRE(rig.driver->setup());
+  CompletionEntry later = rig.call(make_entry(Op::Flush, 0, 0));
+  CHECK(later.generation == static_cast<std::uint32_t>(rig.driver->generation()));
+  CHECK(later.generation != generation);
 }
