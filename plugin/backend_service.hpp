@@ -31,7 +31,7 @@ struct BackendConfig {
   unsigned handlers = 1;                   // handler threads
   unsigned queue_depth = 64;               // store requests in flight per handler thread
   PollTunables poll;
-  std::chrono::milliseconds shutdown_grace{5000};  // longest wait on stop for the queue side to take completions
+  std::chrono::milliseconds shutdown_grace{3000};  // longest wait on stop for the queue side to take completions (a stop ends within 5 s)
 };
 
 // The capability bits a backend on `info` publishes.
