@@ -51,6 +51,9 @@ std::uint16_t entry_flags_for(std::uint16_t nbd_flags) {
 int sane_status(std::int32_t status) { return status >= 0 && status < 4096 ? status : EIO; }
 
 RateLimit bad_completion_log;
+// A backend that restarts or flaps decides how often channels are set up
+// again and re-drive.
+RateLimit redrive_log(std::chrono::seconds(10));
 
 }  // namespace
 
@@ -140,8 +143,11 @@ bool ChannelQueue::set_up(std::optional<std::uint64_t> backend_epoch, std::chron
   // queue_setup() zeroed the shared in_flight counter; the re-driven entries
   // are still in flight (cbd-proxy list reports it).
   store_relaxed(channel_.control().in_flight, static_cast<std::uint64_t>(in_flight_));
-  if (redriven) log(LogLevel::Info, "channel %u: re-drove %zu outstanding entries to backend epoch %llu", index(),
-                    redriven, static_cast<unsigned long long>(binding_.backend_epoch));
+  std::uint64_t suppressed = 0;
+  if (redriven && redrive_log.allow(&suppressed))
+    log(LogLevel::Info, "channel %u: re-drove %zu outstanding entries to backend epoch %llu (%llu more re-drives not logged)",
+        index(), redriven, static_cast<unsigned long long>(binding_.backend_epoch),
+        static_cast<unsigned long long>(suppressed));
   lock.unlock();
   space_.notify_all();
   work_.notify_all();

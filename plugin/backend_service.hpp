@@ -83,6 +83,11 @@ class BackendService {
   // Used only by the heartbeat thread.
   LivenessObserver liveness_;
   std::vector<std::uint64_t> refused_generation_logged_;
+  // A compute node decides how often its channels are set up again or die:
+  // these lines are rate-limited across all channels.
+  RateLimit refused_log_{std::chrono::seconds(10)};
+  RateLimit channel_reclaim_log_{std::chrono::seconds(10)};
+  RateLimit blkdev_reclaim_log_{std::chrono::seconds(10)};
   bool lost_logged_ = false;
   bool running_ = false;
 };

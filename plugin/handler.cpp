@@ -251,8 +251,8 @@ unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, u
       if (broken_limit_.allow(&suppressed))
         log(LogLevel::Error,
             "channel %u: submission ring indices are impossible (corrupt control block); not serving generation "
-            "%llu until the queue side re-initialises it",
-            index(), static_cast<unsigned long long>(generation_));
+            "%llu until the queue side re-initialises it (%llu more suppressed)",
+            index(), static_cast<unsigned long long>(generation_), static_cast<unsigned long long>(suppressed));
       break;
     }
     ++taken;

@@ -10,11 +10,15 @@
 #include <chrono>
 #include <future>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "common/crc32c.hpp"
+#include "common/log.hpp"
 #include "common/shared_atomic.hpp"
+#include "common/slot.hpp"
 #include "plugin/backend_service.hpp"
 #include "plugin/handler.hpp"
 #include "plugin/memory_store.hpp"
@@ -111,6 +115,30 @@ std::chrono::steady_clock::duration timed_stop(Stop stop, Unblock unblock, std::
   done.get();
   return std::chrono::steady_clock::now() - started;
 }
+
+// Collects log lines for the lifetime of the object.
+class LogCapture {
+ public:
+  LogCapture() {
+    set_log_sink([this](LogLevel, const std::string& line) {
+      std::lock_guard lock(mutex_);
+      lines_.push_back(line);
+    });
+  }
+  ~LogCapture() { set_log_sink(nullptr); }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+  std::size_t count(const std::string& text) {
+    std::lock_guard lock(mutex_);
+    std::size_t n = 0;
+    for (const std::string& line : lines_) n += line.find(text) != std::string::npos;
+    return n;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::string> lines_;
+};
 
 BackendConfig bounds_config() {
   BackendConfig config;
@@ -323,4 +351,47 @@ TEST_CASE("checksum mode: a channel whose every write checksum is wrong cannot s
   CHECK(beside >= 0.9 * alone);
   CHECK(bad_eio.load() > 0);  // the bad peer was really served (and refused)
   CHECK(bad_other.load() == 0);
+}
+
+TEST_CASE("a compute node that keeps setting up a refused channel gets few log lines out of the backend") {
+  LogCapture logs;
+  test::ShmFile file("bounds-log");
+  FormatOptions options = bounds_options();
+  options.heartbeat_interval_ms = 20;  // a sweep every 20 ms
+  Transport transport = test::make_transport(file, options, 24 * kMiB);
+  MemoryStore store(kExportSize);
+  BackendConfig config = bounds_config();
+  config.allow_hosts = {"trusted"};
+  BackendService service(transport, store, config);
+  service.start();
+
+  // Not in allow-hosts: every set-up is refused, and it sets up again
+  // every 2 ms (a new generation for each of ~50 sweeps).
+  SlotClaim host, channel;
+  for (std::uint32_t i = 0; i < transport.host_count() && !host; ++i)
+    if (auto word = try_claim(transport.host(i).header, kNoSlot)) {
+      host = SlotClaim(&transport.host(i).header, i, *word);
+      write_name(transport.host(i).hostname, "intruder");
+    }
+  REQUIRE(host);
+  ChannelControl& control = transport.channel_control(0);
+  auto word = try_claim(control.header, host.index());
+  REQUIRE(word);
+  channel = SlotClaim(&control.header, 0, *word);
+  Channel view(transport, 0);
+  std::uint64_t setups = 0;
+  const auto end = std::chrono::steady_clock::now() + 1s;
+  while (std::chrono::steady_clock::now() < end) {
+    host.beat();
+    channel.beat();
+    view.queue_setup(service.backend_index(), 0, service.backend_epoch());
+    ++setups;
+    std::this_thread::sleep_for(2ms);
+  }
+  CHECK_FALSE(view.handler_attached(load_acquire(control.generation)));
+  service.stop();
+  const std::size_t warnings = logs.count("not in allow-hosts");
+  MESSAGE(setups, " set-ups, ", warnings, " warnings");
+  CHECK(warnings >= 1);  // it is said
+  CHECK(warnings <= 2);  // once per 10 s, not once per generation
 }
