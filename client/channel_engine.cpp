@@ -16,6 +16,9 @@ constexpr std::uint32_t kTagSlotBits = 20;
 constexpr std::uint64_t kSerialMask = (std::uint64_t{1} << (64 - kTagSlotBits)) - 1;
 
 RateLimit bad_completion_log;
+// A backend that restarts or flaps decides how often channels are set up
+// again and re-drive.
+RateLimit redrive_log(std::chrono::seconds(10));
 
 }  // namespace
 
@@ -275,10 +278,11 @@ bool ChannelEngine::poll_attached() {
   publish();
   update_in_flight_counter();
   last_progress_ = Clock::now();
-  static RateLimit redrive_log(std::chrono::seconds(10));
-  if (redriven && redrive_log.allow())
-    log(LogLevel::Info, "channel %u: re-drove %zu outstanding entries to backend epoch %llu", index(), redriven,
-        static_cast<unsigned long long>(binding_.backend_epoch));
+  std::uint64_t suppressed = 0;
+  if (redriven && redrive_log.allow(&suppressed))
+    log(LogLevel::Info, "channel %u: re-drove %zu outstanding entries to backend epoch %llu (%llu more re-drives not logged)",
+        index(), redriven, static_cast<unsigned long long>(binding_.backend_epoch),
+        static_cast<unsigned long long>(suppressed));
   return true;
 }
 

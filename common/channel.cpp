@@ -40,11 +40,14 @@ std::uint32_t Channel::publish_data(const void* data, std::size_t length) const 
 }
 
 bool Channel::consume_data(const void* data, std::size_t length, std::uint32_t expected_crc) const {
-  for (int attempt = 0; attempt <= kChecksumRetries; ++attempt) {
-    if (mode_.flush) invalidate_lines(data, length);
-    if (!mode_.checksum || crc32c(0, data, length) == expected_crc) return true;
-  }
+  for (int attempt = 0; attempt <= kChecksumRetries; ++attempt)
+    if (check_data(data, length, expected_crc)) return true;
   return false;
+}
+
+bool Channel::check_data(const void* data, std::size_t length, std::uint32_t expected_crc) const {
+  if (mode_.flush) invalidate_lines(data, length);
+  return !mode_.checksum || crc32c(0, data, length) == expected_crc;
 }
 
 std::uint64_t Channel::queue_setup(std::uint32_t backend_id, std::uint32_t blkdev_id,

@@ -41,6 +41,9 @@ class Channel {
   // Data about to be read from the peer: invalidate (flush mode) and verify
   // the checksum (re-reading on mismatch).  False when it stays wrong.
   bool consume_data(const void* data, std::size_t length, std::uint32_t expected_crc) const;
+  // One pass of the same, no re-reading: for a caller that spaces its
+  // retries out itself (the handler, which must not spend them back to back).
+  bool check_data(const void* data, std::size_t length, std::uint32_t expected_crc) const;
 
   // Queue side, step 1 of the attach protocol.  Returns the new generation.
   std::uint64_t queue_setup(std::uint32_t backend_id, std::uint32_t blkdev_id, std::uint64_t backend_epoch) const;

@@ -1,5 +1,6 @@
 #include "common/log.hpp"
 
+#include <atomic>
 #include <cstdio>
 #include <mutex>
 
@@ -42,20 +43,6 @@ void log(LogLevel level, const char* format, ...) {
   } else {
     std::fprintf(stderr, "cbd: %s: %s\n", level_name(level), buffer);
   }
-}
-
-bool RateLimit::allow(std::uint64_t* suppressed) {
-  auto now = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                 std::chrono::steady_clock::now().time_since_epoch()).count();
-  auto next = next_allowed_ns_.load(std::memory_order_relaxed);
-  if (now < next || !next_allowed_ns_.compare_exchange_strong(
-                        next, now + std::chrono::duration_cast<std::chrono::nanoseconds>(interval_).count())) {
-    suppressed_.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
-  auto dropped = suppressed_.exchange(0, std::memory_order_relaxed);
-  if (suppressed) *suppressed = dropped;
-  return true;
 }
 
 }  // namespace cbd

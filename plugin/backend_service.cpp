@@ -267,9 +267,10 @@ void BackendService::sweep_channels() {
       // handshake in HandlerThread::discover).
       condemned.store(word, std::memory_order_seq_cst);
       if (!context_.channel_serving[i].load(std::memory_order_seq_cst)) {
-        if (reclaim(control.header, word))
-          log(LogLevel::Info, "channel %u: its queue side stopped beating for %u ms; reclaimed", i,
-              transport_.superblock().dead_after_ms);
+        std::uint64_t suppressed = 0;
+        if (reclaim(control.header, word) && channel_reclaim_log_.allow(&suppressed))
+          log(LogLevel::Info, "channel %u: its queue side stopped beating for %u ms; reclaimed (%llu more not logged)",
+              i, transport_.superblock().dead_after_ms, static_cast<unsigned long long>(suppressed));
         condemned.store(0, std::memory_order_seq_cst);
       }
     } else if (condemned.load(std::memory_order_relaxed) != 0 && condemned.load(std::memory_order_relaxed) != word) {
@@ -280,9 +281,14 @@ void BackendService::sweep_channels() {
       const std::uint32_t owner = load_relaxed(control.header.owner_host);
       if (owner >= transport_.host_count() || !context_.host_allowed[owner].load(std::memory_order_relaxed)) {
         refused_generation_logged_[i] = generation;
-        std::string name = owner < transport_.host_count() ? read_name(transport_.host(owner).hostname) : "?";
-        log(LogLevel::Warning, "channel %u: owned by host %u (\"%s\"), which is not in allow-hosts; not serving it", i,
-            owner, name.c_str());
+        std::uint64_t suppressed = 0;
+        if (refused_log_.allow(&suppressed)) {
+          std::string name = owner < transport_.host_count() ? read_name(transport_.host(owner).hostname) : "?";
+          log(LogLevel::Warning,
+              "channel %u: owned by host %u (\"%s\"), which is not in allow-hosts; not serving it (%llu more "
+              "refusals not logged)",
+              i, owner, name.c_str(), static_cast<unsigned long long>(suppressed));
+        }
       }
     }
   }
@@ -294,8 +300,10 @@ void BackendService::sweep_blkdevs() {
     BlkdevSlot& slot = transport_.blkdev(i);
     Liveness liveness = liveness_.observe(kBlkdevKey | i, slot.header, now);
     if (liveness != Liveness::Dead || load_relaxed(slot.backend_id) != context_.backend_index) continue;
-    if (reclaim(slot.header, liveness_.last_word(kBlkdevKey | i)))
-      log(LogLevel::Info, "blkdev %u: its owner stopped beating; reclaimed", i);
+    std::uint64_t suppressed = 0;
+    if (reclaim(slot.header, liveness_.last_word(kBlkdevKey | i)) && blkdev_reclaim_log_.allow(&suppressed))
+      log(LogLevel::Info, "blkdev %u: its owner stopped beating; reclaimed (%llu more not logged)", i,
+          static_cast<unsigned long long>(suppressed));
   }
 }
 

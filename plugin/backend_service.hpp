@@ -32,7 +32,7 @@ struct BackendConfig {
   unsigned handlers = 1;                   // handler threads
   unsigned queue_depth = 64;               // store requests in flight per handler thread
   PollTunables poll;
-  std::chrono::milliseconds shutdown_grace{5000};  // longest wait on stop for the queue side to take completions
+  std::chrono::milliseconds shutdown_grace{3000};  // longest wait on stop for the queue side to take completions (a stop ends within 5 s)
 };
 
 // The capability bits a backend on `info` publishes.
@@ -91,6 +91,11 @@ class BackendService {
   std::vector<std::uint64_t> refused_generation_logged_;
   bool serving_lost_ = false;  // with claims_mutex_
   bool host_lost_logged_ = false;
+  // A compute node decides how often its channels are set up again or die:
+  // these lines are rate-limited across all channels.
+  RateLimit refused_log_{std::chrono::seconds(10)};
+  RateLimit channel_reclaim_log_{std::chrono::seconds(10)};
+  RateLimit blkdev_reclaim_log_{std::chrono::seconds(10)};
   bool running_ = false;
 };
 

@@ -93,9 +93,9 @@ int FileStore::pread(void* buffer, std::size_t length, std::uint64_t offset) {
     ssize_t got = ::pread(fd, out, length, static_cast<off_t>(offset));
     if (got < 0) {
       if (errno == EINTR) continue;
-      return errno;
+      return report("read", offset, length, errno);
     }
-    if (got == 0) return EIO;  // the file shrank under us
+    if (got == 0) return report("read (end of file: it shrank)", offset, length, EIO);
     out += got;
     length -= static_cast<std::size_t>(got);
     offset += static_cast<std::uint64_t>(got);
@@ -112,9 +112,9 @@ int FileStore::pwrite(const void* buffer, std::size_t length, std::uint64_t offs
     ssize_t put = ::pwritev2(fd, &vector, 1, static_cast<off_t>(offset), fua ? RWF_DSYNC : 0);
     if (put < 0) {
       if (errno == EINTR) continue;
-      return errno;
+      return report("write", offset, length, errno);
     }
-    if (put == 0) return EIO;
+    if (put == 0) return report("write (no progress)", offset, length, EIO);
     in += put;
     length -= static_cast<std::size_t>(put);
     offset += static_cast<std::uint64_t>(put);
@@ -126,7 +126,7 @@ int FileStore::flush() {
   // fdatasync covers every write the kernel has completed on this inode,
   // whichever descriptor or io_uring it came through: that is what makes
   // multi-conn truthful.
-  if (::fdatasync(fd_.get()) != 0) return errno;
+  if (::fdatasync(fd_.get()) != 0) return report("flush (fdatasync)", 0, info_.size, errno);
   return 0;
 }
 
@@ -143,7 +143,8 @@ int FileStore::trim(std::uint64_t offset, std::uint64_t length, bool fua) {
   // Trim is advisory: a device or file system that cannot discard (or not
   // at this alignment) leaves the data in place, which is allowed.
   if (is_not_supported(error) || error == EINVAL) error = 0;
-  if (error == 0 && fua) error = flush();
+  if (error != 0) return report(block_device_ ? "trim (BLKDISCARD)" : "trim (punch hole)", offset, length, error);
+  if (fua) error = flush();
   return error;
 }
 
@@ -176,7 +177,7 @@ int FileStore::zero(std::uint64_t offset, std::uint64_t length, bool no_hole, bo
       std::uint64_t range[2] = {offset, length};
       error = ::ioctl(fd, BLKZEROOUT, range) == 0 ? 0 : errno;
     }
-    if (error != 0) error = write_zeroes(offset, length);
+    if (error != 0) error = write_zeroes(offset, length);  // its writes report their own errors
   }
   if (error == 0 && fua) error = flush();
   return error;
@@ -201,7 +202,7 @@ int FileStore::extents(std::uint64_t offset, std::uint64_t length, bool req_one,
         sink.add(offset, length, 0);
         return 0;
       } else {
-        return errno;
+        return report("block status (SEEK_DATA)", position, end - position, errno);
       }
     }
     std::uint64_t data_start = std::min<std::uint64_t>(static_cast<std::uint64_t>(data), end);
@@ -211,7 +212,7 @@ int FileStore::extents(std::uint64_t offset, std::uint64_t length, bool req_one,
       if (position >= end) break;
     }
     off_t hole = ::lseek(fd, static_cast<off_t>(position), SEEK_HOLE);
-    if (hole < 0) return errno == ENXIO ? 0 : errno;
+    if (hole < 0) return errno == ENXIO ? 0 : report("block status (SEEK_HOLE)", position, end - position, errno);
     std::uint64_t data_end = std::min<std::uint64_t>(static_cast<std::uint64_t>(hole), end);
     if (data_end <= position) data_end = end;  // cannot happen on a sane file system; never loop forever
     if (!sink.add(position, data_end - position, 0) || req_one) return 0;
@@ -399,16 +400,23 @@ class UringQueue final : public StoreQueue {
       prepare(index);
       return;
     }
+    const std::uint64_t offset = slot.request.offset + slot.done;
+    const std::uint64_t remaining = slot.request.length - slot.done;
     if (result < 0) {
-      finish(index, -result);
+      finish(index, slot.request.op == StoreOp::Flush
+                        ? store_.report("flush (io_uring fsync)", 0, store_.info().size, -result)
+                        : store_.report(slot.request.op == StoreOp::Read ? "read (io_uring)" : "write (io_uring)",
+                                        offset, remaining, -result));
       return;
     }
     if (slot.request.op == StoreOp::Flush) {
       finish(index, 0);
       return;
     }
-    if (result == 0) {
-      finish(index, EIO);  // no progress: the file shrank under us
+    if (result == 0) {  // no progress: the file shrank under us
+      finish(index, store_.report(slot.request.op == StoreOp::Read ? "read (io_uring, end of file: it shrank)"
+                                                                   : "write (io_uring, no progress)",
+                                  offset, remaining, EIO));
       return;
     }
     slot.done += static_cast<std::uint64_t>(result);

@@ -45,6 +45,10 @@ class FileStore final : public Store {
   bool buffered(const void* buffer, std::uint64_t length, std::uint64_t offset) const {
     return fd_for(buffer, length, offset) == fd_.get();
   }
+  // Logs an I/O error with this file's path (rate-limited); returns `error`.
+  int report(const char* what, std::uint64_t offset, std::uint64_t length, int error) {
+    return report_store_error(error_limit_, "file " + path_, what, offset, length, error);
+  }
 
  private:
   int write_zeroes(std::uint64_t offset, std::uint64_t length);
@@ -54,6 +58,7 @@ class FileStore final : public Store {
   UniqueFd direct_fd_;  // O_DIRECT, when direct=true
   bool block_device_ = false;
   StoreInfo info_;
+  RateLimit error_limit_;  // shared by every handler thread's queue
 };
 
 }  // namespace cbd::backend

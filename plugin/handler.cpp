@@ -13,6 +13,25 @@ namespace {
 
 constexpr std::uint64_t kMaxEntryLength = 32ull << 20;  // what NBD clients send at most per request
 
+// A write whose data checksum does not match is re-checked (non-coherent
+// memory can show stale lines for a while) up to kChecksumRechecks times,
+// then fails with EIO.  The pauses grow (kFirstRecheckPause, doubling) and
+// are never shorter than kRecheckCostFactor times the last pass took, so a
+// peer whose every CRC is wrong costs the handler thread at most about
+// 1/kRecheckCostFactor of its time in re-checks, however large its writes.
+// The entry waits, not the thread: the other channels are served meanwhile.
+constexpr unsigned kChecksumRechecks = 5;
+constexpr std::chrono::microseconds kFirstRecheckPause{100};
+constexpr unsigned kRecheckCostFactor = 64;
+
+StoreRequest request_for(const SubmissionEntry& entry) {
+  StoreRequest request;
+  request.offset = entry.offset;
+  request.length = entry.length;
+  request.fua = entry.flags & kFlagFua;
+  return request;
+}
+
 bool op_known(std::uint16_t op) { return op >= 1 && op <= kOpMax; }
 
 // The flags each operation may carry (NBD: FUA on writes, NO_HOLE and
@@ -194,29 +213,54 @@ void ChannelHandler::attach(std::uint64_t generation, std::uint64_t backend_epoc
   submissions_.reset();
   completions_.reset();
   overflow_.clear();
+  recheck_.reset();
+  failed_at_stop_ = 0;
   completed_since_publish_ = errors_since_publish_ = 0;
   staged_ = false;
   broken_ = false;
   broken_since_ = {};
   generation_ = generation;
   serving_ = true;
-  log(LogLevel::Debug, "channel %u: serving generation %llu", index(), static_cast<unsigned long long>(generation));
+  if (attach_limit_.allow())
+    log(LogLevel::Debug, "channel %u: serving generation %llu", index(), static_cast<unsigned long long>(generation));
 }
 
 void ChannelHandler::detach() {
   if (!serving_) return;
   serving_ = false;
   overflow_.clear();
+  recheck_.reset();  // nobody waits for its completion any more
   staged_ = false;
-  log(LogLevel::Debug, "channel %u: stopped serving generation %llu", index(),
-      static_cast<unsigned long long>(generation_));
+  if (attach_limit_.allow())
+    log(LogLevel::Debug, "channel %u: stopped serving generation %llu", index(),
+        static_cast<unsigned long long>(generation_));
+}
+
+std::size_t ChannelHandler::outstanding() const {
+  return in_flight_ + overflow_.size() + (recheck_ ? 1 : 0);
 }
 
 unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, unsigned budget) {
   // Back-pressure: while completions wait for room, take nothing new.
   if (!serving_ || broken_ || !overflow_.empty()) return 0;
-  // Each entry needs at most one store request and one in-flight record.
-  const unsigned limit = std::min({budget, queue.room(), table.room()});
+  unsigned resumed = 0;
+  if (recheck_) {
+    // The channel waits behind its parked write (the ring keeps the rest).
+    if (std::chrono::steady_clock::now() < recheck_->due || queue.room() == 0 || table.full()) return 0;
+    if (!still_ours()) return 0;  // detached: the parked write is dropped with the channel
+    resume_recheck(queue, table);
+    resumed = 1;
+    if (recheck_) return resumed;
+  }
+  // Each entry needs at most one store request and one in-flight record,
+  // and ends in one completion: never take more than the completion ring
+  // can hold beyond what is already owed, so the overflow list stays within
+  // one ring's worth however long the queue side keeps the ring full.
+  const std::size_t owed = outstanding();
+  const std::size_t ring_room = owed < completions_.capacity() ? completions_.capacity() - owed : 0;
+  const std::size_t limit =
+      std::min<std::size_t>({std::size_t{budget > resumed ? budget - resumed : 0}, std::size_t{queue.room()},
+                             std::size_t{table.room()}, ring_room});
   batch_.clear();
   while (batch_.size() < limit) {
     SubmissionEntry entry;
@@ -235,25 +279,30 @@ unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, u
       if (broken_limit_.allow(&suppressed))
         log(LogLevel::Error,
             "channel %u: submission ring indices are impossible (corrupt control block); not serving generation "
-            "%llu until the queue side re-initialises it",
-            index(), static_cast<unsigned long long>(generation_));
+            "%llu until the queue side re-initialises it (%llu more suppressed)",
+            index(), static_cast<unsigned long long>(generation_), static_cast<unsigned long long>(suppressed));
       break;
     }
     broken_since_ = {};
     batch_.push_back({entry, status == PopStatus::Corrupt});
+    // Checksum mode: a write may be parked for a re-check, and the channel
+    // waits behind it.  End the batch there, so nothing taken after it runs
+    // ahead of it while the rest stays in the ring.
+    if (channel_.mode().checksum && status != PopStatus::Corrupt && static_cast<Op>(entry.op) == Op::Write)
+      break;
   }
   const auto taken = static_cast<unsigned>(batch_.size());
-  if (taken == 0) return 0;
+  if (taken == 0) return resumed;
   // The entries are private copies now.  This thread may have been paused
   // since it last looked (SIGSTOP, a VM pause) and its slot or the channel
   // handed on meanwhile: check before anything is written back or run.
-  if (!still_ours()) return taken;
+  if (!still_ours()) return resumed + taken;
   submissions_.release();  // hand their slots back at once
   for (std::size_t i = 0; i < batch_.size(); ++i) {
     const SubmissionEntry& entry = batch_[i].entry;
     // Again before each one: with a synchronous store an entry may run for
     // long, and the pause may come between two of them.
-    if (i > 0 && !still_ours()) return taken;
+    if (i > 0 && !still_ours()) return resumed + taken;
     if (batch_[i].corrupt) {
       std::uint64_t suppressed = 0;
       if (bad_entry_limit_.allow(&suppressed))
@@ -276,14 +325,23 @@ unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, u
     }
     start(entry, queue, table);
   }
-  return taken;
+  return resumed + taken;
 }
 
 unsigned ChannelHandler::fail_waiting(int status) {
-  if (!serving_ || broken_ || !still_ours()) return 0;
+  if (!serving_ || !still_ours()) return 0;
   unsigned failed = 0;
+  if (recheck_) {
+    complete(recheck_->entry.tag, status);
+    recheck_.reset();
+    ++failed;
+  }
+  if (broken_) return failed;
   SubmissionEntry entry;
-  for (;;) {
+  // Entries left in the ring once the bound is reached stay there: the
+  // handler's departure (attached_generation 0) tells the queue side.
+  while (failed_at_stop_ < submissions_.capacity() && overflow_.empty() &&
+         outstanding() < completions_.capacity()) {
     PopStatus result = submissions_.pop(entry);
     if (result == PopStatus::Empty) break;
     if (result == PopStatus::Broken) {
@@ -292,6 +350,7 @@ unsigned ChannelHandler::fail_waiting(int status) {
     }
     complete(entry.tag, status);
     ++failed;
+    ++failed_at_stop_;
   }
   submissions_.release();
   return failed;
@@ -312,23 +371,13 @@ void ChannelHandler::start(const SubmissionEntry& entry, StoreQueue& queue, InFl
     return;
   }
   const Op op = static_cast<Op>(entry.op);
-  StoreRequest request;
-  request.offset = entry.offset;
-  request.length = entry.length;
-  request.fua = entry.flags & kFlagFua;
+  StoreRequest request = request_for(entry);
   switch (op) {
     case Op::Read: request.op = StoreOp::Read; break;
     case Op::Write:
       // Checksum mode: the bytes must be the ones the queue side checksummed
       // before any of them reaches the disk.
-      if (!channel_.consume_data(check.data, entry.length, entry.data_crc)) {
-        std::uint64_t suppressed = 0;
-        if (bad_entry_limit_.allow(&suppressed))
-          log(LogLevel::Warning, "channel %u: write data checksum mismatch (tag %#llx), failed with EIO", index(),
-              static_cast<unsigned long long>(entry.tag));
-        complete(entry.tag, EIO);
-        return;
-      }
+      if (!check_write(entry, check.data, 0)) return;
       request.op = StoreOp::Write;
       break;
     case Op::Flush: request.op = StoreOp::Flush; break;
@@ -345,14 +394,50 @@ void ChannelHandler::start(const SubmissionEntry& entry, StoreQueue& queue, InFl
     case Op::Cache: request.op = StoreOp::Cache; break;
     case Op::BlockStatus: block_status(entry, check.data); return;
   }
+  enqueue(entry, check.data, request, queue, table);
+}
+
+void ChannelHandler::enqueue(const SubmissionEntry& entry, std::byte* data, StoreRequest request, StoreQueue& queue,
+                             InFlightTable& table) {
+  const Op op = static_cast<Op>(entry.op);
   if (entry.length == 0 && op != Op::Flush) {
     complete(entry.tag, 0);  // nothing to do; never bother the store
     return;
   }
-  request.buffer = check.data;
-  request.user_data = table.add({this, generation_, entry.tag, op, check.data, entry.length});
+  request.buffer = data;
+  request.user_data = table.add({this, generation_, entry.tag, op, data, entry.length});
   ++in_flight_;
   queue.enqueue(request);
+}
+
+bool ChannelHandler::check_write(const SubmissionEntry& entry, std::byte* data, unsigned attempts) {
+  const auto before = std::chrono::steady_clock::now();
+  if (channel_.check_data(data, entry.length, entry.data_crc)) return true;
+  const auto now = std::chrono::steady_clock::now();
+  if (attempts >= kChecksumRechecks) {
+    std::uint64_t suppressed = 0;
+    if (bad_entry_limit_.allow(&suppressed))
+      log(LogLevel::Warning,
+          "channel %u: write data checksum mismatch (tag %#llx, %u bytes), still wrong after %u re-checks; failed "
+          "with EIO (%llu more suppressed)",
+          index(), static_cast<unsigned long long>(entry.tag), entry.length, attempts,
+          static_cast<unsigned long long>(suppressed));
+    complete(entry.tag, EIO);
+    return false;
+  }
+  const std::chrono::nanoseconds pause =
+      std::max<std::chrono::nanoseconds>(kFirstRecheckPause * (1u << attempts), (now - before) * kRecheckCostFactor);
+  recheck_ = Recheck{entry, data, attempts, now + pause};
+  return false;
+}
+
+void ChannelHandler::resume_recheck(StoreQueue& queue, InFlightTable& table) {
+  const Recheck parked = *recheck_;
+  recheck_.reset();
+  if (!check_write(parked.entry, parked.data, parked.attempts + 1)) return;  // parked again, or failed
+  StoreRequest request = request_for(parked.entry);
+  request.op = StoreOp::Write;
+  enqueue(parked.entry, parked.data, request, queue, table);
 }
 
 void ChannelHandler::block_status(const SubmissionEntry& entry, std::byte* data) {

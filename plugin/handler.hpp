@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <optional>
 #include <vector>
 
 #include "common/channel.hpp"
@@ -93,6 +94,11 @@ class ChannelHandler {
   unsigned in_flight() const { return in_flight_; }
   // Completions that did not fit in the completion ring yet.
   bool has_unposted() const { return !overflow_.empty(); }
+  // How many: never more than the completion ring holds (take_entries
+  // keeps in flight + unposted below that).
+  std::size_t unposted() const { return overflow_.size(); }
+  // A write whose data checksum did not match waits for its next re-check.
+  bool rechecking() const { return recheck_.has_value(); }
 
   // Step 2 of the attach protocol, then serve `generation`.
   void attach(std::uint64_t generation, std::uint64_t backend_epoch);
@@ -102,15 +108,19 @@ class ChannelHandler {
   void detach();
 
   // Takes up to `budget` entries: each one completes at once (invalid,
-  // block status, zero-length) or goes to `queue`.  Returns how many.
+  // block status, zero-length), goes to `queue`, or (a write whose data
+  // checksum is wrong) waits for a re-check, and the channel with it.
+  // Returns how many.
   // Fenced (docs/design.md §4): before the ring's slots are handed back and
   // before each entry reaches the store, the backend slot and the channel's
   // generation are checked again; if either moved on, the entries taken are
   // dropped (neither executed nor completed) and the channel is detached.
   // An entry stamped with another generation is dropped alone.
   unsigned take_entries(StoreQueue& queue, InFlightTable& table, unsigned budget);
-  // Fails every entry waiting in the submission ring with `status` (used
-  // when the backend stops).  Returns how many.
+  // Fails entries waiting in the submission ring with `status` (used when
+  // the backend stops), at most one ring's worth since attach in all, and
+  // only while the completion ring has room: a queue side that keeps
+  // producing cannot hold the stop.  Returns how many.
   unsigned fail_waiting(int status);
   // A store request of this channel finished.
   void finish(const InFlight& request, int error);
@@ -125,7 +135,25 @@ class ChannelHandler {
   // handed to the store: our backend slot is still ours and the channel is
   // still at the generation we attached to.  Detaches when not.
   bool still_ours();
+  // A write parked for a data checksum re-check (design §7).
+  struct Recheck {
+    SubmissionEntry entry;
+    std::byte* data = nullptr;
+    unsigned attempts = 0;  // re-checks done so far
+    std::chrono::steady_clock::time_point due{};
+  };
+
   void start(const SubmissionEntry& entry, StoreQueue& queue, InFlightTable& table);
+  void enqueue(const SubmissionEntry& entry, std::byte* data, StoreRequest request, StoreQueue& queue,
+               InFlightTable& table);
+  // One checksum pass over a write's data; parks it (or schedules its next
+  // re-check) when the pass fails.  True when the data matched.
+  bool check_write(const SubmissionEntry& entry, std::byte* data, unsigned attempts);
+  // The parked write's next pass (it is due): on a match the write goes to
+  // the store and the channel takes entries again.
+  void resume_recheck(StoreQueue& queue, InFlightTable& table);
+  // Completions this channel owes: in flight, unposted, parked.
+  std::size_t outstanding() const;
   void block_status(const SubmissionEntry& entry, std::byte* data);
   void complete(std::uint64_t tag, int status, std::uint32_t result_length = 0, std::uint32_t data_crc = 0);
 
@@ -146,7 +174,9 @@ class ChannelHandler {
   std::chrono::steady_clock::time_point broken_since_{};  // first impossible index seen ({}: none)
   std::uint64_t generation_ = 0;
   unsigned in_flight_ = 0;
-  std::deque<CompletionEntry> overflow_;  // never dropped while serving
+  std::deque<CompletionEntry> overflow_;  // never dropped while serving; at most the completion ring's capacity
+  std::optional<Recheck> recheck_;
+  std::uint32_t failed_at_stop_ = 0;  // entries fail_waiting() took since attach
   std::uint64_t completed_since_publish_ = 0;
   std::uint64_t errors_since_publish_ = 0;
   bool staged_ = false;
@@ -155,6 +185,7 @@ class ChannelHandler {
   RateLimit broken_limit_;
   RateLimit fenced_limit_;
   RateLimit stale_entry_limit_;
+  RateLimit attach_limit_;  // a queue side may set its channel up again as often as it likes
   std::vector<Taken> batch_;
 };
 

@@ -132,7 +132,9 @@ int NextStore::pread(void* buffer, std::size_t length, std::uint64_t offset) {
   auto* bytes = static_cast<std::byte*>(buffer);
   return in_chunks(length, chunk_, [&](std::uint32_t count, std::uint64_t done) {
     int err = 0;
-    return next_->pread(next_, bytes + done, count, offset + done, 0, &err) == -1 ? failed(err) : 0;
+    return next_->pread(next_, bytes + done, count, offset + done, 0, &err) == -1
+               ? report("read", offset + done, count, failed(err))
+               : 0;
   });
 }
 
@@ -144,7 +146,9 @@ int NextStore::pwrite(const void* buffer, std::size_t length, std::uint64_t offs
   const auto* bytes = static_cast<const std::byte*>(buffer);
   return in_chunks(length, chunk_, [&](std::uint32_t count, std::uint64_t done) {
     int err = 0;
-    return next_->pwrite(next_, bytes + done, count, offset + done, fua_flag(fua), &err) == -1 ? failed(err) : 0;
+    return next_->pwrite(next_, bytes + done, count, offset + done, fua_flag(fua), &err) == -1
+               ? report("write", offset + done, count, failed(err))
+               : 0;
   });
 }
 
@@ -154,7 +158,7 @@ int NextStore::flush() {
   // A plugin that cannot flush has nothing more durable to offer.
   if (!info_.can_flush) return 0;
   int err = 0;
-  return next_->flush(next_, 0, &err) == -1 ? failed(err) : 0;
+  return next_->flush(next_, 0, &err) == -1 ? report("flush", 0, info_.size, failed(err)) : 0;
 }
 
 int NextStore::trim(std::uint64_t offset, std::uint64_t length, bool fua) {
@@ -166,7 +170,9 @@ int NextStore::trim(std::uint64_t offset, std::uint64_t length, bool fua) {
   if (!info_.can_trim) return 0;
   return in_chunks(length, chunk_, [&](std::uint32_t count, std::uint64_t done) {
     int err = 0;
-    return next_->trim(next_, count, offset + done, fua_flag(fua), &err) == -1 ? failed(err) : 0;
+    return next_->trim(next_, count, offset + done, fua_flag(fua), &err) == -1
+               ? report("trim", offset + done, count, failed(err))
+               : 0;
   });
 }
 
@@ -182,7 +188,9 @@ int NextStore::zero(std::uint64_t offset, std::uint64_t length, bool no_hole, bo
   if (fast) flags |= NBDKIT_FLAG_FAST_ZERO;
   return in_chunks(length, chunk_, [&](std::uint32_t count, std::uint64_t done) {
     int err = 0;
-    return next_->zero(next_, count, offset + done, flags, &err) == -1 ? failed(err) : 0;
+    return next_->zero(next_, count, offset + done, flags, &err) == -1
+               ? report("write-zeroes", offset + done, count, failed(err))
+               : 0;
   });
 }
 
@@ -203,7 +211,7 @@ int NextStore::extents(std::uint64_t offset, std::uint64_t length, bool req_one,
   int err = 0;
   int error = 0;
   if (next_->extents(next_, count, offset, req_one ? NBDKIT_FLAG_REQ_ONE : 0, list, &err) == -1) {
-    error = failed(err);
+    error = report("block status", offset, count, failed(err));
   } else {
     const std::size_t n = nbdkit_extents_count(list);
     if (n == 0) error = EIO;
@@ -223,7 +231,9 @@ int NextStore::cache(std::uint64_t offset, std::uint64_t length) {
   if (cache_mode_ == NBDKIT_CACHE_NONE) return 0;  // advisory
   return in_chunks(length, chunk_, [&](std::uint32_t count, std::uint64_t done) {
     int err = 0;
-    return next_->cache(next_, count, offset + done, 0, &err) == -1 ? failed(err) : 0;
+    return next_->cache(next_, count, offset + done, 0, &err) == -1
+               ? report("cache", offset + done, count, failed(err))
+               : 0;
   });
 }
 

@@ -64,6 +64,10 @@ class NextStore final : public Store {
   // 0, or `error` when [offset, offset + length) leaves the export.
   int check_range(std::uint64_t offset, std::uint64_t length, int error) const;
   std::uint32_t fua_flag(bool fua) const { return fua && fua_mode_ != NBDKIT_FUA_NONE ? NBDKIT_FLAG_FUA : 0; }
+  // Logs a call down that failed (rate-limited); returns `error`.
+  int report(const char* what, std::uint64_t offset, std::uint64_t length, int error) {
+    return report_store_error(error_limit_, "next plugin", what, offset, length, error);
+  }
 
   const bool serialize_;
   std::mutex mutex_;
@@ -74,6 +78,7 @@ class NextStore final : public Store {
   std::uint32_t chunk_ = 1u << 31;
   int fua_mode_ = NBDKIT_FUA_NONE;
   int cache_mode_ = NBDKIT_CACHE_NONE;
+  RateLimit error_limit_;
 };
 
 }  // namespace cbd::backend

@@ -34,7 +34,7 @@ struct ServingContext {
   unsigned queue_depth = 64;          // store requests in flight per handler thread
   PollTunables poll;
   std::chrono::milliseconds heartbeat_interval{200};
-  std::chrono::milliseconds shutdown_grace{5000};  // longest wait for the queue side to make room on stop
+  std::chrono::milliseconds shutdown_grace{3000};  // longest wait for the queue side to make room on stop (a stop ends within 5 s)
 
   // By host slot index: may channels owned by that host be served?
   std::unique_ptr<std::atomic<bool>[]> host_allowed;

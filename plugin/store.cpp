@@ -1,6 +1,9 @@
 #include "plugin/store.hpp"
 
 #include <cerrno>
+#include <cstring>
+
+#include "common/log.hpp"
 
 namespace cbd::backend {
 
@@ -19,6 +22,16 @@ int run_request(Store& store, const StoreRequest& request) {
     case StoreOp::Cache: return store.cache(request.offset, request.length);
   }
   return EINVAL;
+}
+
+int report_store_error(RateLimit& limit, const std::string& where, const char* what, std::uint64_t offset,
+                       std::uint64_t length, int error) {
+  std::uint64_t suppressed = 0;
+  if (limit.allow(&suppressed))
+    log(LogLevel::Error, "%s: %s at offset %llu, length %llu failed: %s (errno %d; %llu more store errors suppressed)",
+        where.c_str(), what, static_cast<unsigned long long>(offset), static_cast<unsigned long long>(length),
+        std::strerror(error), error, static_cast<unsigned long long>(suppressed));
+  return error;
 }
 
 void InlineStoreQueue::enqueue(const StoreRequest& request) {

@@ -14,7 +14,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
+
+#include "common/rate_limit.hpp"
 
 namespace cbd::backend {
 
@@ -112,6 +115,13 @@ int run_request(Store& store, const StoreRequest& request);
 
 // The queue every store gets unless it has real asynchronous I/O: each
 // request runs to completion inside enqueue().
+// Logs a failed store operation where it failed — `where` names the store
+// ("file /path", "next plugin"), then the operation, offset, length and
+// errno — through `limit`, since a peer decides how often I/O is tried.
+// Returns `error`.
+int report_store_error(RateLimit& limit, const std::string& where, const char* what, std::uint64_t offset,
+                       std::uint64_t length, int error);
+
 class InlineStoreQueue final : public StoreQueue {
  public:
   InlineStoreQueue(Store& store, unsigned depth) : store_(store), depth_(depth == 0 ? 1 : depth) {

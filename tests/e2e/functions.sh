@@ -144,7 +144,7 @@ start_backend() {
 
 # _start_nbdkit ARGS...: nbdkit -f with a private socket and pid file in
 # $TEST_DIR, then wait until it serves and its backend is listed. Sets
-# BACKEND_PID, BACKEND_SOCKET and BACKEND_URI.
+# BACKEND_PID, BACKEND_SOCKET, BACKEND_URI and BACKEND_LOG (its output).
 _start_nbdkit() {
     local n=$((_cbd_serial++))
     local pidfile=$TEST_DIR/nbdkit-$n.pid
@@ -155,6 +155,7 @@ _start_nbdkit() {
     BACKEND_PID=$!
     _cbd_pids+=("$BACKEND_PID")
     _cbd_logs+=("$logfile")
+    BACKEND_LOG=$logfile
     _wait_until "$START_TIMEOUT" "nbdkit to write $pidfile" \
         _pidfile_ready "$BACKEND_PID" "$pidfile" "$logfile"
     _wait_backend_listed

@@ -7,11 +7,28 @@
 #  2. The backing file sits on a FUSE mount (nbdfuse) of an nbdkit memory
 #     disk behind nbdkit's error filter: while the filter injects EIO, reads
 #     and writes through the proxy fail with EIO; afterwards service resumes.
+#  3. The cbd filter over nbdkit's error filter over a memory disk: the
+#     same EIO at the client.
+# Each time nbdkit's log names the failing store (the file's path, or "next
+# plugin" for the filter), the offset and the errno.
 # Needs root for mount; skips otherwise.
 source "$(dirname "$0")/functions.sh"
 require_built
 require jq
 find_python
+
+# expect_store_error WHERE ERRNO OFFSET: nbdkit's log has a store error line
+# naming WHERE (the file, or "next plugin"), the operation's offset (when
+# OFFSET is not empty) and the errno.
+expect_store_error() {
+    local where=$1 errno=$2 offset=$3 pattern
+    pattern="$where: [a-z -]+( \([^)]*\))? at offset ${offset:-[0-9]+}, length [0-9]+ failed: .*\(errno $errno;"
+    grep -Eq -- "$pattern" "$BACKEND_LOG" || {
+        sed 's/^/  nbdkit: /' "$BACKEND_LOG" >&2
+        fail "nbdkit's log has no store error matching: $pattern"
+    }
+    log "nbdkit logged: $(grep -Eo -- "$pattern.*" "$BACKEND_LOG" | head -1)"
+}
 
 mounts=()
 _disk_cleanup() {
@@ -100,6 +117,15 @@ elif mode == "inject":
             print("%s while the backing store fails: %s" % (name, code(e)))
             if code(e) != "EIO":
                 failures.append("%s: %s, want EIO" % (name, code(e)))
+elif mode == "inject-read":
+    # Just one read, at a known offset, while every request fails.
+    try:
+        h.pread(chunk, 16 * chunk)
+        failures.append("a read succeeded while the store below fails")
+    except nbd.Error as e:
+        print("read while the store below fails: %s" % code(e))
+        if code(e) != "EIO":
+            failures.append("read: %s, want EIO" % code(e))
 elif mode == "healed":
     if h.pread(chunk, 0) != b"\xa5" * chunk:
         failures.append("data does not read back after the errors stopped")
@@ -126,6 +152,8 @@ start_proxy
 run_client "$PYTHON" "$TEST_DIR/client.py" fill "$PROXY_URI" >&2 || fail "full disk"
 kill -0 "$BACKEND_PID" 2>/dev/null || fail "nbdkit died on a full disk"
 kill -0 "$PROXY_PID" 2>/dev/null || fail "the proxy died on a full disk"
+# ENOSPC is 28; the offset is wherever the disk filled.
+expect_store_error "file $small/backing.img" 28 ""
 stop_all || fail "a server did not stop cleanly after the disk filled"
 
 # ---- 2. a backing store that fails with EIO ----
@@ -154,9 +182,27 @@ kill -0 "$BACKEND_PID" 2>/dev/null || fail "nbdkit died on I/O errors"
 kill -0 "$PROXY_PID" 2>/dev/null || fail "the proxy died on I/O errors"
 run_client "$PYTHON" "$TEST_DIR/client.py" healed "$PROXY_URI" >&2 || fail "after the errors stopped"
 grep -q "injecting EIO" "$TEST_DIR/nbdfuse.log" || fail "the error filter injected nothing"
+# The first failure is the read at 16 MiB (EIO is 5).
+expect_store_error "file $fuse/nbd" 5 $((16 << 20))
 # The cbd servers stop before the mount goes away under nbdkit.
 stop_all || fail "a server did not stop cleanly"
 umount "$fuse" || fail "cannot unmount $fuse"
 mounts=("$small")
 timeout 15 tail --pid="$nbdfuse_pid" -f /dev/null || fail "nbdfuse did not exit after the unmount"
+
+# ---- 3. the filter over a plugin that fails with EIO ----
+if [[ ! -f $CBD_FILTER ]]; then
+    log "SKIP part 3: $CBD_FILTER has not been built"
+    log "PASS (file stores only)"
+    exit 0
+fi
+format_transport size=64M heartbeat-ms=50 dead-after-ms=500
+start_filter_backend --filter=error memory 64M error=EIO error-rate=1 error-file="$inject"
+start_proxy
+touch "$inject"
+run_client "$PYTHON" "$TEST_DIR/client.py" inject-read "$PROXY_URI" >&2 || fail "errors of the plugin below the filter"
+rm -f "$inject"
+kill -0 "$BACKEND_PID" 2>/dev/null || fail "nbdkit died on I/O errors below the filter"
+expect_store_error "next plugin" 5 $((16 << 20))
+stop_all || fail "a server did not stop cleanly"
 log "PASS"
