@@ -617,8 +617,11 @@ void NbdSession::advance_read(Request& request) {
           emit_simple(request.cookie, piece.status, request.nbd_flags, &request);
       } else if (!structured) {
         // A simple reply announced success with its header; the only way
-        // left to report a failure is to drop the connection.
-        close("READ failed after its data was sent", true);
+        // left to report a failure is to drop the connection.  Not at once:
+        // replies queued before this one are whole and still go out.  Not
+        // here either: we may be inside another request's completion.
+        end_after_output("READ failed after its data was sent");
+        request.replied = true;
         return;
       } else {
         // DF: pad the announced chunk, then the error.
@@ -702,7 +705,7 @@ NbdSession::OutItem NbdSession::materialize(OutItem item) {
 }
 
 void NbdSession::emit(OutItem item, const Request* from) {
-  if (closed_) {
+  if (closed_ || ending_) {
     if (item.kind == OutItem::Kind::Extent) materialize(std::move(item));  // releases the extent
     return;
   }
@@ -835,6 +838,10 @@ void NbdSession::consume_sent(std::size_t bytes) {
 }
 
 bool NbdSession::flush_output() {
+  if (ending_ && !closed_ && output_.empty()) {
+    close(ending_reason_, true);
+    return true;
+  }
   if (closed_ || output_.empty()) return false;
   bool progress = false;
   blocked_on_write_ = false;
@@ -868,8 +875,35 @@ bool NbdSession::flush_output() {
   }
   if (blocked_on_write_ && write_blocked_since_ == Clock::time_point{}) write_blocked_since_ = Clock::now();
   if (!blocked_on_write_) write_blocked_since_ = {};
-  if (input_done_ && requests_.empty() && output_.empty() && !intake_ && !discard_left_) close("connection ended");
+  if (ending_ && output_.empty()) close(ending_reason_, true);
+  else if (input_done_ && requests_.empty() && output_.empty() && !intake_ && !discard_left_) close("connection ended");
   return progress;
+}
+
+void NbdSession::end_after_output(const char* why) {
+  if (closed_ || ending_) return;
+  ending_ = true;
+  ending_reason_ = why;
+  input_done_ = true;
+  // What is in output_ ends with the broken reply; nothing may follow it.
+  stream_ = nullptr;
+  for (const OutItem& item : held_replies_) output_owned_bytes_ -= item.length;
+  held_replies_.clear();
+  for (Request* request : waiting_streams_) request->waiting_stream = false;
+  waiting_streams_.clear();
+  // No reply is sent any more: each request gives its pieces back as they
+  // complete and is forgotten then (or by close()).
+  for (auto& owned : requests_) {
+    Request& request = *owned;
+    request.replied = true;
+    for (std::uint32_t i = 0; i < request.pieces.size(); ++i)
+      if (request.pieces[i].completed) release_piece(request, i);
+    request.copies.clear();
+  }
+  if (!draining_) {
+    draining_ = true;
+    drain_deadline_ = Clock::now() + limits_.drain_timeout;
+  }
 }
 
 void NbdSession::drop_output() {
@@ -882,6 +916,10 @@ void NbdSession::drop_output() {
 
 void NbdSession::tick(Clock::time_point now) {
   if (closed_) return;
+  if (ending_ && output_.empty()) {
+    close(ending_reason_, true);
+    return;
+  }
   if (intake_ && intake_->op == Op::Write && !intake_stalled_ && now - payload_since_ > limits_.payload_timeout) {
     log(LogLevel::Warning, "nbd: dropping a connection whose WRITE payload (%u bytes) did not arrive within %lld ms "
         "(payload-timeout=)", intake_->length, static_cast<long long>(limits_.payload_timeout.count()));

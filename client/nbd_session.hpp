@@ -21,8 +21,9 @@
 //    meanwhile are held, their data copied out of the data area so that they
 //    hold no extent the stream may need.  This rule lives here, with the
 //    writer; the engine knows nothing of it.  A simple READ that fails after
-//    its header is out can only be reported by dropping the connection; a DF
-//    READ is padded to its announced length and followed by an error chunk.
+//    its header is out can only be reported by dropping the connection (once
+//    the replies queued before it are written); a DF READ is padded to its
+//    announced length and followed by an error chunk.
 //  - With structured replies a READ piece is an OFFSET_DATA chunk sent as
 //    soon as it completes; the last one carries the DONE flag.
 //  - Isolation: a connection holds at most `data_share` bytes of the data
@@ -151,6 +152,9 @@ class NbdSession {
   void emit_done_chunk(std::uint64_t cookie, const Request* from);
   void emit_block_status(Request& request, std::span<const ExtentDescriptor> extents);
   void close_stream();
+  // Ends the connection once what is queued now has been written; no reply
+  // is queued any more.  Safe inside a completion (close() is not).
+  void end_after_output(const char* why);
   OutItem materialize(OutItem item);
   void drop_output();
   std::size_t fill_iovecs(std::vector<iovec>& iov);
@@ -194,6 +198,8 @@ class NbdSession {
   Clock::time_point write_blocked_since_{};
   std::vector<iovec> iov_;
 
+  bool ending_ = false;                // end_after_output() ran
+  const char* ending_reason_ = "";
   bool draining_ = false;
   Clock::time_point drain_deadline_{};
   bool closed_ = false;

@@ -366,6 +366,44 @@ TEST_CASE("session: a simple READ's header and data leave unbroken; replies comp
   CHECK(h.run_until([&] { return h.engine_idle(); }));
 }
 
+TEST_CASE("session: a simple READ that fails after its header is out ends the connection") {
+  Harness h;
+  h.auto_answer = false;
+  Client& c = h.connect(h.info(), false);
+  const std::uint32_t piece = h.engine->max_piece();
+
+  SUBCASE("the open stream fails") {
+    c.request(nbd::kCmdRead, 1, 0, 2 * piece);
+    REQUIRE(h.run_until([&] { return h.handler.pending.size() == 2; }));
+    h.handler.answer_at(0);
+    h.turns(3);
+    h.handler.answer_at(0, EIO);
+    REQUIRE(h.run_until([&] { return c.eof; }));
+    // The header said success; what was queued is all the client gets.
+    CHECK(c.received.size() == nbd::kSimpleReplySize + piece);
+  }
+  SUBCASE("a stream that waited fails when its turn comes") {
+    c.request(nbd::kCmdRead, 1, 0, 2 * piece);
+    c.request(nbd::kCmdRead, 2, 2 * piece, 2 * piece);
+    REQUIRE(h.run_until([&] { return h.handler.pending.size() == 4; }));
+    h.handler.answer_at(0);  // READ 1 opens its stream
+    h.turns(3);
+    h.handler.answer_at(1);  // READ 2's first piece waits, copied out
+    h.turns(3);
+    h.handler.answer_at(1, EIO);  // and its second fails
+    h.turns(3);
+    CHECK_FALSE(c.session->closed());
+    h.handler.answer_at(0);  // READ 1 ends; READ 2's header goes out, then its failure
+    REQUIRE(h.run_until([&] { return c.eof; }));
+    // READ 1 is whole: it was queued before READ 2 failed.
+    auto first = parse_simple(c.pop(nbd::kSimpleReplySize));
+    CHECK(first.cookie == 1);
+    CHECK(c.pop(2 * piece) == h.disk(0, 2 * piece));
+  }
+  CHECK(c.session->closed());
+  CHECK(h.run_until([&] { return c.session->finished() && h.engine_idle(); }));
+}
+
 TEST_CASE("session: a DF READ that fails part-way is padded to its announced length, then an error chunk") {
   Harness h;
   h.auto_answer = false;
