@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <vector>
 
 #include "common/channel.hpp"
@@ -57,6 +58,7 @@ class DiskHandler {
     completion.tag = entry.tag;
     completion.generation = entry.generation;
     completion.status = status == 0 ? execute(entry, completion) : status;
+    if (tamper) tamper(entry, completion);
     return cq_.push(completion);
   }
   // Answers the pending entry at `index` (in publication order).
@@ -71,6 +73,8 @@ class DiskHandler {
     }
   }
 
+  // Changes a completion before it is published (a broken or hostile peer).
+  std::function<void(const SubmissionEntry&, CompletionEntry&)> tamper;
   std::deque<SubmissionEntry> pending;
   std::vector<SubmissionEntry> seen;
   std::vector<std::uint8_t> disk;

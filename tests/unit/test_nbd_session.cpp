@@ -248,6 +248,64 @@ TEST_CASE("session: a READ larger than max_piece is split and its simple reply r
   CHECK(h.engine_idle());
 }
 
+TEST_CASE("session: a WRITE larger than a piece is received into several entries, also when the share is one piece") {
+  Harness h;
+  SessionLimits limits;
+  SUBCASE("default share") {}
+  SUBCASE("share of one piece: the payload waits for each entry") { limits.data_share = h.engine->max_piece(); }
+  Client& c = h.connect(h.info(), false, limits);
+  const std::uint32_t length = 3 * h.engine->max_piece() + 4096;
+  const Bytes data = pattern(length, 17);
+  std::thread sender([&] { c.request(nbd::kCmdWrite, 5, 65536, length, nbd::kCmdFlagFua, data); });
+  auto reply = h.receive_simple(c);
+  sender.join();
+  CHECK(reply.cookie == 5);
+  CHECK(reply.error == 0);
+  CHECK(h.disk(65536, length) == data);
+  CHECK(count_op(h.handler, Op::Write) == 4);
+  for (const SubmissionEntry& e : h.handler.seen) CHECK((e.flags & kFlagFua) != 0);
+  CHECK(h.run_until([&] { return h.engine_idle(); }));
+}
+
+TEST_CASE("session: results the backend gets wrong are EIO, never data past what it wrote") {
+  Harness h;
+  Client& c = h.connect(h.info(), true);
+  SUBCASE("READ shorter than asked") {
+    h.handler.tamper = [](const SubmissionEntry&, CompletionEntry& done) { done.result_length -= 1; };
+    c.request(nbd::kCmdRead, 1, 0, 4096);
+  }
+  SUBCASE("READ longer than asked") {
+    h.handler.tamper = [](const SubmissionEntry&, CompletionEntry& done) { done.result_length += 4096; };
+    c.request(nbd::kCmdRead, 1, 0, 4096);
+  }
+  SUBCASE("BLOCK_STATUS with a partial descriptor") {
+    h.handler.tamper = [](const SubmissionEntry&, CompletionEntry& done) { done.result_length = 12; };
+    c.request(nbd::kCmdBlockStatus, 1, 0, 4096);
+  }
+  SUBCASE("BLOCK_STATUS larger than its extent") {
+    h.handler.tamper = [](const SubmissionEntry& e, CompletionEntry& done) { done.result_length = e.data_length + 8; };
+    c.request(nbd::kCmdBlockStatus, 1, 0, 4096);
+  }
+  SUBCASE("BLOCK_STATUS whose first extent is empty") {
+    h.handler.extents = {{0, 0}, {4096, 0}};
+    c.request(nbd::kCmdBlockStatus, 1, 0, 4096);
+  }
+  SUBCASE("a status that is no errno") {
+    h.handler.tamper = [](const SubmissionEntry&, CompletionEntry& done) { done.status = -7; };
+    c.request(nbd::kCmdRead, 1, 0, 4096);
+  }
+  auto chunk = h.receive_chunk(c);
+  CHECK(chunk.type == nbd::kReplyTypeError);
+  CHECK(chunk.flags == nbd::kReplyFlagDone);
+  CHECK(chunk.cookie == 1);
+  REQUIRE(chunk.length == 6);
+  CHECK(nbd::load_be32(h.receive(c, 6).data()) == nbd::kErrIo);
+  h.handler.tamper = nullptr;
+  c.request(nbd::kCmdFlush, 2, 0, 0);
+  CHECK(h.receive_simple(c).cookie == 2);
+  CHECK(h.run_until([&] { return h.engine_idle(); }));
+}
+
 TEST_CASE("session: structured READ is OFFSET_DATA chunks with DONE on the last one, no NONE chunk") {
   Harness h;
   h.auto_answer = false;
@@ -719,6 +777,18 @@ TEST_CASE("session: invalid requests are refused in nbdkit's order, without reac
   }
   CHECK(count_op(h.handler, Op::Flush) == std::size(cases));  // only the follow-up FLUSHes
   CHECK(h.handler.seen.size() == std::size(cases));
+}
+
+TEST_CASE("session: a request with a bad magic ends the connection") {
+  Harness h;
+  Client& c = h.connect(h.info(), false);
+  Bytes bad(nbd::kRequestSize, 0);
+  nbd::encode_request(bad.data(), nbd::Request{0x12345678, 0, nbd::kCmdRead, 1, 0, 4096});
+  wire::send_bytes(c.pair.client, bad);
+  REQUIRE(h.run_until([&] { return c.eof; }));
+  CHECK(c.received.empty());
+  CHECK(c.on_closed_called);
+  CHECK(h.handler.seen.empty());
 }
 
 TEST_CASE("session: misaligned requests are EINVAL once the client agreed to the block size; the tail stays reachable") {
