@@ -594,6 +594,7 @@ void NbdSession::advance_read(Request& request) {
         if (request.copies.size() < request.pieces.size()) request.copies.resize(request.pieces.size());
         const auto* data = reinterpret_cast<const std::uint8_t*>(engine_->extent(piece.slot));
         request.copies[i].assign(data, data + piece.length);
+        output_owned_bytes_ += piece.length;  // output waiting to be written: it counts against the backlog
       }
       release_piece(request, i);
       piece.released = true;
@@ -654,6 +655,7 @@ void NbdSession::advance_read(Request& request) {
     }
     if (i < request.copies.size() && !request.copies[i].empty()) {
       emit_bytes(request.copies[i].data(), request.copies[i].size(), &request);
+      output_owned_bytes_ -= request.copies[i].size();
       std::vector<std::uint8_t>().swap(request.copies[i]);
     } else {
       emit(extent_item(request, i), &request);
@@ -668,8 +670,14 @@ void NbdSession::advance_read(Request& request) {
   }
 }
 
+void NbdSession::drop_copies(Request& request) {
+  for (std::vector<std::uint8_t>& copy : request.copies) output_owned_bytes_ -= copy.size();
+  request.copies.clear();
+}
+
 void NbdSession::maybe_forget(Request& request) {
   if (!request.replied || request.completed < request.issued || intake_ == &request) return;
+  drop_copies(request);
   for (std::uint32_t i = 0; i < request.pieces.size(); ++i)
     if (request.pieces[i].completed) release_piece(request, i);
   if (request.waiting_stream) {
@@ -898,7 +906,7 @@ void NbdSession::end_after_output(const char* why) {
     request.replied = true;
     for (std::uint32_t i = 0; i < request.pieces.size(); ++i)
       if (request.pieces[i].completed) release_piece(request, i);
-    request.copies.clear();
+    drop_copies(request);
   }
   if (!draining_) {
     draining_ = true;
@@ -950,6 +958,7 @@ void NbdSession::close(const char* why, bool warn) {
   if (closed_) return;
   log(warn ? LogLevel::Warning : LogLevel::Debug, "nbd: closing connection: %s", why);
   drop_output();
+  for (auto& owned : requests_) owned->copies.clear();  // drop_output() forgot every owned byte
   closed_ = true;
   stream_ = nullptr;
   waiting_streams_.clear();

@@ -29,7 +29,9 @@
 //  - Isolation: a connection holds at most `data_share` bytes of the data
 //    area and `entry_share` entries, receives a WRITE payload into at most
 //    `write_piece` bytes at a time, and stops reading its socket while its
-//    output backlog is over `output_backlog` or its share is used up.  A
+//    output backlog (queued reply bytes it owns, held replies and the
+//    copies of streams that wait) is over `output_backlog` or its share is
+//    used up.  A
 //    WRITE payload that has not fully arrived within `payload_timeout` of
 //    its header ends the connection.
 #pragma once
@@ -139,6 +141,7 @@ class NbdSession {
   void advance_read(Request& request);
   void finish_request(Request& request, int error);
   void maybe_forget(Request& request);
+  void drop_copies(Request& request);
   void release_piece(Request& request, std::uint32_t index);
   bool can_hold(std::uint32_t bytes) const;
   void give_back(std::uint32_t slot, std::uint32_t held);

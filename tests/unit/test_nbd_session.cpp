@@ -625,6 +625,52 @@ TEST_CASE("session isolation: a client that does not read its replies stops its 
   }
 }
 
+TEST_CASE("session isolation: replies waiting behind a slow stream count against the output backlog") {
+  // Each READ that completes behind an open stream is copied out of the data
+  // area and gives its share back; without a bound on those copies a client
+  // could make the proxy buffer without limit while one piece is slow.
+  Harness h;
+  h.auto_answer = false;
+  SessionLimits limits;
+  limits.output_backlog = 16 << 10;
+  limits.entry_share = 8;
+  Client& c = h.connect(h.info(), false, limits);
+  const std::uint32_t piece = h.engine->max_piece();
+  c.request(nbd::kCmdRead, 1, 0, 2 * piece);  // the stream
+  constexpr std::uint64_t kReads = 200;
+  for (std::uint64_t i = 0; i < kReads; ++i) c.request(nbd::kCmdRead, 10 + i, (i % 64) * 4096, 4096);
+  REQUIRE(h.run_until([&] { return h.handler.pending.size() >= 2; }));
+  h.handler.answer_at(0);  // the stream opens; its second piece stays with the backend
+  h.turns(3);
+  const SubmissionEntry slow = h.handler.pending.front();
+  h.handler.pending.pop_front();
+  for (int round = 0; round < 100; ++round) {
+    h.handler.answer_all();
+    h.turns(2);
+  }
+  // What the session took while the stream was open is bounded by the
+  // backlog (in 4 KiB replies) and its entry share, not by what was sent.
+  const std::size_t taken = count_op(h.handler, Op::Read);
+  CHECK(taken <= 2 + (16 << 10) / 4096 + 1 + 8);
+  CHECK_FALSE(c.session->wants_read());
+
+  h.handler.answer(slow);
+  h.auto_answer = true;
+  auto first = h.receive_simple(c);
+  CHECK(first.cookie == 1);
+  CHECK(h.receive(c, 2 * piece) == h.disk(0, 2 * piece));
+  std::vector<bool> seen(kReads, false);
+  for (std::uint64_t i = 0; i < kReads; ++i) {
+    auto reply = h.receive_simple(c);
+    REQUIRE(reply.cookie >= 10);
+    REQUIRE(reply.cookie < 10 + kReads);
+    CHECK_FALSE(seen[reply.cookie - 10]);
+    seen[reply.cookie - 10] = true;
+    CHECK(h.receive(c, 4096) == h.disk(((reply.cookie - 10) % 64) * 4096, 4096));
+  }
+  CHECK(h.run_until([&] { return h.engine_idle(); }));
+}
+
 TEST_CASE("session isolation: a WRITE payload that stops arriving ends the connection after payload_timeout") {
   Harness h;
   SessionLimits limits;
