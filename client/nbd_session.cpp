@@ -140,7 +140,12 @@ NbdSession::~NbdSession() {
 }
 
 bool NbdSession::wants_read() const {
-  if (closed_ || input_done_ || intake_stalled_) return false;
+  if (closed_ || intake_stalled_) return false;
+  // A payload already announced is taken whatever the backlog: it goes into
+  // the share, not the output, and a client blocked writing it may read no
+  // reply before it is sent.
+  if ((intake_ && intake_->op == Op::Write) || discard_left_) return true;
+  if (input_done_) return false;
   return output_owned_bytes_ <= limits_.output_backlog;
 }
 
@@ -178,7 +183,6 @@ bool NbdSession::recv_some(void* buffer, std::size_t length, std::size_t& got) {
 bool NbdSession::pump_input() {
   bool progress = false;
   while (!closed_) {
-    if (output_owned_bytes_ > limits_.output_backlog) break;
     if (intake_) {
       if (!continue_intake()) break;
       progress = true;
@@ -190,6 +194,7 @@ bool NbdSession::pump_input() {
       continue;
     }
     if (input_done_) break;
+    if (output_owned_bytes_ > limits_.output_backlog) break;  // no new request until the client reads
     if (!parse_one()) break;
     progress = true;
   }

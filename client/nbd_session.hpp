@@ -31,7 +31,8 @@
 //    `write_piece` bytes at a time, and stops reading its socket while its
 //    output backlog (queued reply bytes it owns, held replies and the
 //    copies of streams that wait) is over `output_backlog` or its share is
-//    used up.  A
+//    used up; a WRITE payload already announced is still received (it goes
+//    into the share, and its client may read nothing until it is sent).  A
 //    WRITE payload that has not fully arrived within `payload_timeout` of
 //    its header ends the connection.
 #pragma once

@@ -671,6 +671,46 @@ TEST_CASE("session isolation: replies waiting behind a slow stream count against
   CHECK(h.run_until([&] { return h.engine_idle(); }));
 }
 
+TEST_CASE("session isolation: a WRITE payload already announced is received while replies are held over the backlog") {
+  // A slow piece of an open stream holds every other reply; a client that is
+  // sending a WRITE payload meanwhile must not be stopped half-way (and then
+  // dropped by payload_timeout): the payload goes into its share, not the
+  // output backlog, and the client may well read nothing until it is sent.
+  Harness h;
+  h.auto_answer = false;
+  SessionLimits limits;
+  limits.output_backlog = 16 << 10;
+  limits.payload_timeout = 500ms;
+  Client& c = h.connect(h.info(), false, limits);
+  const std::uint32_t piece = h.engine->max_piece();
+  c.request(nbd::kCmdRead, 1, 0, 2 * piece);  // the stream
+  for (std::uint64_t i = 0; i < 10; ++i) c.request(nbd::kCmdRead, 10 + i, i * 4096, 4096);
+  const Bytes data = pattern(piece, 21);
+  c.request(nbd::kCmdWrite, 2, 8 * piece, piece, 0, Bytes(data.begin(), data.begin() + 1000));
+  REQUIRE(h.run_until([&] { return h.handler.pending.size() == 12; }));
+  h.handler.answer_at(0);  // the stream opens
+  h.turns(3);
+  while (h.handler.pending.size() > 1) {  // the small READs: held, over the backlog
+    h.handler.answer_at(1);
+    h.turns(2);
+  }
+  wire::send_bytes(c.pair.client, Bytes(data.begin() + 1000, data.end()));
+  REQUIRE(h.run_until([&] { return h.handler.pending.size() == 2 || c.session->closed(); }, 2000ms));
+  h.turns(20);
+  REQUIRE_FALSE(c.session->closed());
+  h.handler.answer_all();  // the stream's last piece, then the WRITE
+  auto first = h.receive_simple(c);
+  CHECK(first.cookie == 1);
+  CHECK(h.receive(c, 2 * piece) == h.disk(0, 2 * piece));
+  for (int i = 0; i < 11; ++i) {
+    auto reply = h.receive_simple(c);
+    CHECK(reply.error == 0);
+    if (reply.cookie >= 10) h.receive(c, 4096);
+  }
+  CHECK(h.disk(8 * piece, piece) == data);
+  CHECK(h.run_until([&] { return h.engine_idle(); }));
+}
+
 TEST_CASE("session isolation: a WRITE payload that stops arriving ends the connection after payload_timeout") {
   Harness h;
   SessionLimits limits;
