@@ -140,7 +140,12 @@ NbdSession::~NbdSession() {
 }
 
 bool NbdSession::wants_read() const {
-  if (closed_ || input_done_ || intake_stalled_) return false;
+  if (closed_ || intake_stalled_) return false;
+  // A payload already announced is taken whatever the backlog: it goes into
+  // the share, not the output, and a client blocked writing it may read no
+  // reply before it is sent.
+  if ((intake_ && intake_->op == Op::Write) || discard_left_) return true;
+  if (input_done_) return false;
   return output_owned_bytes_ <= limits_.output_backlog;
 }
 
@@ -178,7 +183,6 @@ bool NbdSession::recv_some(void* buffer, std::size_t length, std::size_t& got) {
 bool NbdSession::pump_input() {
   bool progress = false;
   while (!closed_) {
-    if (output_owned_bytes_ > limits_.output_backlog) break;
     if (intake_) {
       if (!continue_intake()) break;
       progress = true;
@@ -190,6 +194,7 @@ bool NbdSession::pump_input() {
       continue;
     }
     if (input_done_) break;
+    if (output_owned_bytes_ > limits_.output_backlog) break;  // no new request until the client reads
     if (!parse_one()) break;
     progress = true;
   }
@@ -594,6 +599,7 @@ void NbdSession::advance_read(Request& request) {
         if (request.copies.size() < request.pieces.size()) request.copies.resize(request.pieces.size());
         const auto* data = reinterpret_cast<const std::uint8_t*>(engine_->extent(piece.slot));
         request.copies[i].assign(data, data + piece.length);
+        output_owned_bytes_ += piece.length;  // output waiting to be written: it counts against the backlog
       }
       release_piece(request, i);
       piece.released = true;
@@ -617,8 +623,11 @@ void NbdSession::advance_read(Request& request) {
           emit_simple(request.cookie, piece.status, request.nbd_flags, &request);
       } else if (!structured) {
         // A simple reply announced success with its header; the only way
-        // left to report a failure is to drop the connection.
-        close("READ failed after its data was sent", true);
+        // left to report a failure is to drop the connection.  Not at once:
+        // replies queued before this one are whole and still go out.  Not
+        // here either: we may be inside another request's completion.
+        end_after_output("READ failed after its data was sent");
+        request.replied = true;
         return;
       } else {
         // DF: pad the announced chunk, then the error.
@@ -651,6 +660,7 @@ void NbdSession::advance_read(Request& request) {
     }
     if (i < request.copies.size() && !request.copies[i].empty()) {
       emit_bytes(request.copies[i].data(), request.copies[i].size(), &request);
+      output_owned_bytes_ -= request.copies[i].size();
       std::vector<std::uint8_t>().swap(request.copies[i]);
     } else {
       emit(extent_item(request, i), &request);
@@ -665,8 +675,14 @@ void NbdSession::advance_read(Request& request) {
   }
 }
 
+void NbdSession::drop_copies(Request& request) {
+  for (std::vector<std::uint8_t>& copy : request.copies) output_owned_bytes_ -= copy.size();
+  request.copies.clear();
+}
+
 void NbdSession::maybe_forget(Request& request) {
   if (!request.replied || request.completed < request.issued || intake_ == &request) return;
+  drop_copies(request);
   for (std::uint32_t i = 0; i < request.pieces.size(); ++i)
     if (request.pieces[i].completed) release_piece(request, i);
   if (request.waiting_stream) {
@@ -702,7 +718,7 @@ NbdSession::OutItem NbdSession::materialize(OutItem item) {
 }
 
 void NbdSession::emit(OutItem item, const Request* from) {
-  if (closed_) {
+  if (closed_ || ending_) {
     if (item.kind == OutItem::Kind::Extent) materialize(std::move(item));  // releases the extent
     return;
   }
@@ -835,6 +851,10 @@ void NbdSession::consume_sent(std::size_t bytes) {
 }
 
 bool NbdSession::flush_output() {
+  if (ending_ && !closed_ && output_.empty()) {
+    close(ending_reason_, true);
+    return true;
+  }
   if (closed_ || output_.empty()) return false;
   bool progress = false;
   blocked_on_write_ = false;
@@ -868,8 +888,35 @@ bool NbdSession::flush_output() {
   }
   if (blocked_on_write_ && write_blocked_since_ == Clock::time_point{}) write_blocked_since_ = Clock::now();
   if (!blocked_on_write_) write_blocked_since_ = {};
-  if (input_done_ && requests_.empty() && output_.empty() && !intake_ && !discard_left_) close("connection ended");
+  if (ending_ && output_.empty()) close(ending_reason_, true);
+  else if (input_done_ && requests_.empty() && output_.empty() && !intake_ && !discard_left_) close("connection ended");
   return progress;
+}
+
+void NbdSession::end_after_output(const char* why) {
+  if (closed_ || ending_) return;
+  ending_ = true;
+  ending_reason_ = why;
+  input_done_ = true;
+  // What is in output_ ends with the broken reply; nothing may follow it.
+  stream_ = nullptr;
+  for (const OutItem& item : held_replies_) output_owned_bytes_ -= item.length;
+  held_replies_.clear();
+  for (Request* request : waiting_streams_) request->waiting_stream = false;
+  waiting_streams_.clear();
+  // No reply is sent any more: each request gives its pieces back as they
+  // complete and is forgotten then (or by close()).
+  for (auto& owned : requests_) {
+    Request& request = *owned;
+    request.replied = true;
+    for (std::uint32_t i = 0; i < request.pieces.size(); ++i)
+      if (request.pieces[i].completed) release_piece(request, i);
+    drop_copies(request);
+  }
+  if (!draining_) {
+    draining_ = true;
+    drain_deadline_ = Clock::now() + limits_.drain_timeout;
+  }
 }
 
 void NbdSession::drop_output() {
@@ -882,6 +929,10 @@ void NbdSession::drop_output() {
 
 void NbdSession::tick(Clock::time_point now) {
   if (closed_) return;
+  if (ending_ && output_.empty()) {
+    close(ending_reason_, true);
+    return;
+  }
   if (intake_ && intake_->op == Op::Write && !intake_stalled_ && now - payload_since_ > limits_.payload_timeout) {
     log(LogLevel::Warning, "nbd: dropping a connection whose WRITE payload (%u bytes) did not arrive within %lld ms "
         "(payload-timeout=)", intake_->length, static_cast<long long>(limits_.payload_timeout.count()));
@@ -912,6 +963,7 @@ void NbdSession::close(const char* why, bool warn) {
   if (closed_) return;
   log(warn ? LogLevel::Warning : LogLevel::Debug, "nbd: closing connection: %s", why);
   drop_output();
+  for (auto& owned : requests_) owned->copies.clear();  // drop_output() forgot every owned byte
   closed_ = true;
   stream_ = nullptr;
   waiting_streams_.clear();

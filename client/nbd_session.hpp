@@ -21,14 +21,18 @@
 //    meanwhile are held, their data copied out of the data area so that they
 //    hold no extent the stream may need.  This rule lives here, with the
 //    writer; the engine knows nothing of it.  A simple READ that fails after
-//    its header is out can only be reported by dropping the connection; a DF
-//    READ is padded to its announced length and followed by an error chunk.
+//    its header is out can only be reported by dropping the connection (once
+//    the replies queued before it are written); a DF READ is padded to its
+//    announced length and followed by an error chunk.
 //  - With structured replies a READ piece is an OFFSET_DATA chunk sent as
 //    soon as it completes; the last one carries the DONE flag.
 //  - Isolation: a connection holds at most `data_share` bytes of the data
 //    area and `entry_share` entries, receives a WRITE payload into at most
 //    `write_piece` bytes at a time, and stops reading its socket while its
-//    output backlog is over `output_backlog` or its share is used up.  A
+//    output backlog (queued reply bytes it owns, held replies and the
+//    copies of streams that wait) is over `output_backlog` or its share is
+//    used up; a WRITE payload already announced is still received (it goes
+//    into the share, and its client may read nothing until it is sent).  A
 //    WRITE payload that has not fully arrived within `payload_timeout` of
 //    its header ends the connection.
 #pragma once
@@ -138,6 +142,7 @@ class NbdSession {
   void advance_read(Request& request);
   void finish_request(Request& request, int error);
   void maybe_forget(Request& request);
+  void drop_copies(Request& request);
   void release_piece(Request& request, std::uint32_t index);
   bool can_hold(std::uint32_t bytes) const;
   void give_back(std::uint32_t slot, std::uint32_t held);
@@ -151,6 +156,9 @@ class NbdSession {
   void emit_done_chunk(std::uint64_t cookie, const Request* from);
   void emit_block_status(Request& request, std::span<const ExtentDescriptor> extents);
   void close_stream();
+  // Ends the connection once what is queued now has been written; no reply
+  // is queued any more.  Safe inside a completion (close() is not).
+  void end_after_output(const char* why);
   OutItem materialize(OutItem item);
   void drop_output();
   std::size_t fill_iovecs(std::vector<iovec>& iov);
@@ -194,6 +202,8 @@ class NbdSession {
   Clock::time_point write_blocked_since_{};
   std::vector<iovec> iov_;
 
+  bool ending_ = false;                // end_after_output() ran
+  const char* ending_reason_ = "";
   bool draining_ = false;
   Clock::time_point drain_deadline_{};
   bool closed_ = false;
