@@ -6,7 +6,7 @@
 //
 // Input layout:
 //   [0]      config: bit 0 checksum transport, bit 1 read-only export,
-//            bit 2 the harness stamps valid seq/entry_crc on every entry
+//            bit 2 the harness stamps valid seq/generation/entry_crc on every entry
 //            (so checksum mode reaches validation), bit 3 a second round
 //            after moving sq_head on by the value in [9]
 //   [1..4]   sq_head (little-endian), stored after the handler attached
@@ -32,7 +32,10 @@
 #include "common/log.hpp"
 #include "common/region.hpp"
 #include "common/ring.hpp"
+#include "common/shared_atomic.hpp"
+#include "common/slot.hpp"
 #include "common/transport.hpp"
+#include "plugin/backend_fence.hpp"
 #include "plugin/handler.hpp"
 #include "plugin/memory_store.hpp"
 
@@ -127,9 +130,22 @@ Transport make_transport(bool checksum) {
   return Transport(std::move(region));
 }
 
-Transport& transport(bool checksum) {
-  static Transport plain = make_transport(false);
-  static Transport with_checksum = make_transport(true);
+// A transport and the fence of the backend that owns its slot 0, as the
+// backend service arms it: the handler's fence checks pass, so entries run.
+struct World {
+  explicit World(bool checksum) : transport(make_transport(checksum)) {
+    SlotHeader& header = transport.backend(0).header;
+    const auto word = try_claim(header, kNoSlot);
+    if (!word) std::abort();
+    fence.arm(header, epoch_of(*word), transport.mode());
+  }
+  Transport transport;
+  BackendFence fence;
+};
+
+World& world(bool checksum) {
+  static World plain(false);
+  static World with_checksum(true);
   return checksum ? with_checksum : plain;
 }
 
@@ -144,7 +160,7 @@ std::uint32_t load32(const std::uint8_t* p) {
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   // Refused entries are logged (rate limited); keep the fuzzer's output readable.
   set_log_sink([](LogLevel, const std::string&) {});
-  transport(false);
+  world(false);
   return 0;
 }
 
@@ -161,7 +177,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* input, std::size_t siz
   input += 10;
   size -= 10;
 
-  Transport& shm = transport(checksum);
+  World& w = world(checksum);
+  Transport& shm = w.transport;
   const ChannelGeometry& geometry = shm.superblock().channel;
   std::byte* base = shm.channel_base(0);
   // A fresh channel: zero control block, rings and data, as a queue side
@@ -173,8 +190,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* input, std::size_t siz
   limits.size = kExportSize;
   limits.block_max = block_max_for(geometry.data_size);
   limits.read_only = read_only;
-  ChannelHandler handler(shm, 0, store, limits);
+  ChannelHandler handler(shm, 0, store, limits, w.fence);
   store.set_data_area(handler.channel().data(0, geometry.data_size), geometry.data_size);
+  // The queue side's step 1 of the attach protocol (generation 1), then ours.
+  store_release(shm.channel_control(0).generation, std::uint64_t{1});
   handler.attach(1, 1);
 
   // The entries and the data area, from the input.
@@ -190,6 +209,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* input, std::size_t siz
       SubmissionEntry entry;
       std::memcpy(&entry, &entries[i], sizeof entry);
       entry.seq = i;
+      entry.generation = 1;
       if (checksum) {
         std::byte* extent = handler.channel().data(entry.data_offset, entry.data_length);
         if (entry.op == static_cast<std::uint16_t>(Op::Write) && extent)
