@@ -13,7 +13,7 @@
 #include <functional>
 
 #include "client/nbd_handshake.hpp"
-#include "client/request_target.hpp"
+#include "client/export_info.hpp"
 #include "common/unique_fd.hpp"
 
 namespace cbd::proxy {

@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <string>
 
-#include "client/request_target.hpp"
+#include "client/export_info.hpp"
 #include "client/socket_io.hpp"
 
 namespace cbd::proxy {

@@ -4,7 +4,7 @@
 // They retry on EINTR and short transfers, and wait with poll() if a
 // descriptor handed to us turns out to be non-blocking, so callers see the
 // whole transfer or a failure.  Errors are return values: this is the data
-// path.  (client/fd_io.hpp serves the RequestTarget's payload reads.)
+// path.
 //
 // The overloads taking an IoDeadline never block past it: they wait with
 // poll() for the time left before every transfer, so a peer that sends one

@@ -1,22 +1,20 @@
 // Fuzzes the proxy's NBD server side: the input is everything a client
 // sends on a fresh connection (client flags, options, then requests and
 // payloads).  The real negotiate_handshake() runs on one end of a
-// socketpair and, when it enters transmission, the rest is served by one of
-// the two connection implementations:
-//  - NbdConnection against MemoryTarget (the unit tests' in-memory disk);
-//  - NbdSession, the queue event loop's non-blocking connection state, on a
-//    real ChannelEngine over a channel in /dev/shm whose handler side is the
-//    unit tests' DiskHandler, answering in an order and with failures the
-//    input chooses; the loop here drives the session as the queue's loop
-//    does (pump, publish, answer, reap, flush, tick).
+// socketpair and, when it enters transmission, the rest is served by
+// NbdSession, the queue event loop's non-blocking connection state, on a
+// real ChannelEngine over a channel in /dev/shm whose handler side is the
+// unit tests' DiskHandler, answering in an order and with failures the input
+// chooses; the loop here drives the session as the queue's loop does (pump,
+// publish, answer, reap, flush, tick).
 // A helper thread feeds the input and drains the replies, so neither side
 // blocks on a full socket buffer.
 //
 // Input layout: [0] picks the export (bit 0 read-only, bits 1-2 capabilities,
-// bit 3 an unaligned size, bit 4 block size constraints, bit 5 how
-// MemoryTarget splits READ data) and, with bit 6, NbdSession; then, for
-// NbdSession only, [1] how the handler behaves (see Behaviour); the rest is
-// the client's byte stream.
+// bit 3 an unaligned size, bit 4 block size constraints, bit 5 unused) and,
+// with bit 6, that [1] says how the handler behaves (see Behaviour; without
+// bit 6 it answers in order, without failures); the rest is the client's
+// byte stream.
 #define DOCTEST_CONFIG_DISABLE  // nbd_test_support.hpp's REQUIRE checks are unused here
 #include <fcntl.h>
 #include <poll.h>
@@ -29,7 +27,6 @@
 #include <thread>
 
 #include "client/channel_engine.hpp"
-#include "client/nbd_connection.hpp"
 #include "client/nbd_handshake.hpp"
 #include "client/nbd_session.hpp"
 #include "common/log.hpp"
@@ -205,12 +202,11 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* input, std::size_t size) {
   if (size < 1) return 0;
   const std::uint8_t config = input[0];
-  const bool use_session = config & 64;
-  if (use_session && size < 2) return 0;
-  const std::size_t skip = use_session ? 2 : 1;
+  const bool behaviour_given = config & 64;
+  if (behaviour_given && size < 2) return 0;
+  const std::size_t skip = behaviour_given ? 2 : 1;
+  const std::uint8_t behaviour = behaviour_given ? input[1] : 0;
   const ExportInfo info = export_for(config);
-  auto target = std::make_shared<cbd::proxy::test::MemoryTarget>(info);
-  if (config & 32) target->read_piece_size = 4096;
 
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) std::abort();
@@ -218,15 +214,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* input, std::size_t siz
   std::thread peer(play_client, client, input + skip, size - skip);
 
   const HandshakeResult negotiated = negotiate_handshake(server, server, info, IoDeadline{});
-  if (negotiated.enter_transmission && use_session) {
-    serve_with_session(server, info, negotiated, input[1]);  // owns and closes `server`
+  if (negotiated.enter_transmission) {
+    serve_with_session(server, info, negotiated, behaviour);  // owns and closes `server`
     peer.join();
     ::close(client);
     return 0;
-  }
-  if (negotiated.enter_transmission) {
-    NbdConnection connection(server, server, info, negotiated, target);
-    connection.run();
   }
   ::shutdown(server, SHUT_RDWR);
   peer.join();

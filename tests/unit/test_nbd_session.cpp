@@ -949,3 +949,43 @@ TEST_CASE("session: a WRITE above the largest payload is EINVAL with its payload
     CHECK(h.handler.seen.empty());
   }
 }
+
+// (ESHUTDOWN is not among them: from a stopping backend it means "not run",
+// and the entry waits for the next instance; docs/design.md §5.)
+TEST_CASE("session: a backend's errno reaches the client as its NBD error value") {
+  struct Case {
+    const char* what;
+    int status;
+    std::uint16_t type;
+    std::uint16_t flags;
+    std::uint32_t wire;
+  };
+  const Case cases[] = {
+      {"EIO", EIO, nbd::kCmdWrite, 0, nbd::kErrIo},
+      {"ENOSPC", ENOSPC, nbd::kCmdWrite, 0, nbd::kErrNoSpc},
+      {"EPERM", EPERM, nbd::kCmdTrim, 0, nbd::kErrPerm},
+      {"ENOMEM", ENOMEM, nbd::kCmdFlush, 0, nbd::kErrNoMem},
+      {"EDQUOT", EDQUOT, nbd::kCmdWriteZeroes, 0, nbd::kErrNoSpc},
+      {"ENOTSUP for a fast zero", ENOTSUP, nbd::kCmdWriteZeroes, nbd::kCmdFlagFastZero, nbd::kErrNotSup},
+      {"ENOTSUP otherwise is EINVAL", ENOTSUP, nbd::kCmdWriteZeroes, 0, nbd::kErrInval},
+      {"an errno NBD has no value for is EIO", ENOENT, nbd::kCmdFlush, 0, nbd::kErrIo},
+  };
+  for (const Case& test : cases) {
+    const std::string what = test.what;
+    CAPTURE(what);
+    Harness h;
+    Client& c = h.connect(h.info(), false);
+    const int status = test.status;
+    h.handler.tamper = [status](const SubmissionEntry&, CompletionEntry& done) {
+      done.status = status;
+      done.result_length = 0;
+    };
+    const std::uint32_t length = test.type == nbd::kCmdFlush ? 0 : 4096;
+    c.request(test.type, 1, 0, length, test.flags, test.type == nbd::kCmdWrite ? Bytes(length, 1) : Bytes{});
+    auto reply = h.receive_simple(c);
+    CHECK(reply.cookie == 1);
+    CHECK(reply.error == test.wire);
+    h.handler.tamper = nullptr;
+    CHECK(h.run_until([&] { return h.engine_idle(); }));
+  }
+}
