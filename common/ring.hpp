@@ -144,11 +144,16 @@ class RingConsumer {
       return PopStatus::Broken;
     }
     const Entry* slot = &entries_[local_tail_ & mask_];
-    bool verified = !mode_.checksum && !mode_.flush;
-    for (int attempt = 0; attempt <= (verified ? 0 : kChecksumRetries); ++attempt) {
+    // The sequence number is checked in every mode: in coherent memory an
+    // entry whose seq is not its index was not written for this lap of the
+    // ring (a stale index stored by a peer that was paused, say), so it is
+    // never run as if it were.  Only the modes where a read can be stale
+    // re-read it.
+    const bool coherent = !mode_.checksum && !mode_.flush;
+    bool verified = false;
+    for (int attempt = 0; attempt <= (coherent ? 0 : kChecksumRetries); ++attempt) {
       if (mode_.flush) invalidate_lines(slot, sizeof(Entry));
       std::memcpy(static_cast<void*>(&out), slot, sizeof(Entry));
-      if (verified) break;
       bool checksum_ok = !mode_.checksum || entry_checksum(out) == out.entry_crc;
       if (checksum_ok && out.seq == local_tail_) {
         verified = true;

@@ -243,23 +243,27 @@ TEST_CASE("ring: checksum mode detects a corrupted entry after retries") {
   CHECK(completions.consumer.pop(out) == PopStatus::Corrupt);
 }
 
-TEST_CASE("ring: a stale entry (sequence mismatch) is detected in checksum mode") {
-  TestRing<SubmissionEntry> ring(4, MemoryMode{true, false});
-  SubmissionEntry out{};
-  // Fill and drain once so every slot holds a valid entry of the previous lap.
-  for (std::uint64_t i = 0; i < 4; ++i) REQUIRE(ring.producer.push(submission(i)));
-  for (int i = 0; i < 4; ++i) REQUIRE(ring.consumer.pop(out) == PopStatus::Ok);
-  ring.consumer.release();
-  // A producer that bumps its index without writing the entry: slot 0 still
-  // holds lap one's entry, whose checksum is valid but whose seq is 0, not 4.
-  ring.head.value = 5;
-  CHECK(ring.consumer.pop(out) == PopStatus::Corrupt);
-  // A well-formed entry with a wrong seq and a correct checksum.
-  SubmissionEntry forged = submission(77);
-  forged.seq = 1234;
-  forged.entry_crc = entry_checksum(forged);
-  ring.entries[1] = forged;
-  ring.head.value = 6;
-  CHECK(ring.consumer.pop(out) == PopStatus::Corrupt);
-  CHECK(ring.consumer.pop(out) == PopStatus::Empty);
+TEST_CASE("ring: a stale entry (sequence mismatch) is detected in every mode") {
+  for (MemoryMode mode : {MemoryMode{false, false}, MemoryMode{true, false}, MemoryMode{true, true}}) {
+    CAPTURE(mode.checksum);
+    CAPTURE(mode.flush);
+    TestRing<SubmissionEntry> ring(4, mode);
+    SubmissionEntry out{};
+    // Fill and drain once so every slot holds a valid entry of the previous lap.
+    for (std::uint64_t i = 0; i < 4; ++i) REQUIRE(ring.producer.push(submission(i)));
+    for (int i = 0; i < 4; ++i) REQUIRE(ring.consumer.pop(out) == PopStatus::Ok);
+    ring.consumer.release();
+    // A producer that bumps its index without writing the entry: slot 0 still
+    // holds lap one's entry, whose checksum is valid but whose seq is 0, not 4.
+    ring.head.value = 5;
+    CHECK(ring.consumer.pop(out) == PopStatus::Corrupt);
+    // A well-formed entry with a wrong seq and a correct checksum.
+    SubmissionEntry forged = submission(77);
+    forged.seq = 1234;
+    forged.entry_crc = entry_checksum(forged);
+    ring.entries[1] = forged;
+    ring.head.value = 6;
+    CHECK(ring.consumer.pop(out) == PopStatus::Corrupt);
+    CHECK(ring.consumer.pop(out) == PopStatus::Empty);
+  }
 }
