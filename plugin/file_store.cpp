@@ -259,6 +259,7 @@ class UringQueue final : public StoreQueue {
     free_slots_.reserve(depth_);
     for (unsigned i = depth_; i > 0; --i) free_slots_.push_back(i - 1);
     finished_.reserve(depth_);
+    prepared_.reserve(depth_);
     return 0;
   }
 
@@ -288,13 +289,25 @@ class UringQueue final : public StoreQueue {
   }
 
   void submit() override {
-    if (unsubmitted_ == 0) return;
+    if (unsubmitted_ == 0 || abandoned_) return;
     int result = io_uring_submit(&ring_);
     if (result >= 0) {
-      unsubmitted_ -= std::min<unsigned>(unsubmitted_, static_cast<unsigned>(result));
+      const auto started = std::min<unsigned>(unsubmitted_, static_cast<unsigned>(result));
+      unsubmitted_ -= started;
+      prepared_.erase(prepared_.begin(), prepared_.begin() + std::min<std::size_t>(started, prepared_.size()));
     } else if (result != -EAGAIN && result != -EBUSY && result != -EINTR && limit_.allow()) {
       log(LogLevel::Error, "file %s: io_uring_submit: %s", store_.path().c_str(), std::strerror(-result));
     }
+  }
+
+  void abandon_unstarted() override {
+    if (abandoned_) return;
+    abandoned_ = true;
+    // Prepared but never handed to the kernel: the SQEs stay behind in the
+    // ring's local queue, which io_uring_queue_exit() discards.
+    for (unsigned index : prepared_) finish(index, ECANCELED);
+    prepared_.clear();
+    unsubmitted_ = 0;
   }
 
   void reap(std::vector<StoreCompletion>& out, bool wait) override {
@@ -353,6 +366,10 @@ class UringQueue final : public StoreQueue {
   }
 
   void prepare(unsigned index) {
+    if (abandoned_) {
+      finish(index, ECANCELED);  // a short transfer's remainder, after the slot was lost
+      return;
+    }
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     if (!sqe) {
       // Cannot happen (the ring holds depth entries and we never exceed
@@ -380,6 +397,7 @@ class UringQueue final : public StoreQueue {
     }
     io_uring_sqe_set_data(sqe, reinterpret_cast<void*>(static_cast<std::uintptr_t>(index)));
     ++unsubmitted_;
+    prepared_.push_back(index);
   }
 
   int run_remainder(Slot& slot) {
@@ -443,6 +461,8 @@ class UringQueue final : public StoreQueue {
   unsigned in_flight_ = 0;        // enqueued, not yet reaped
   unsigned async_in_flight_ = 0;  // in the kernel
   unsigned unsubmitted_ = 0;
+  std::vector<unsigned> prepared_;  // slots of the unsubmitted SQEs, in ring order
+  bool abandoned_ = false;          // abandon_unstarted(): never submit again
   bool nowait_reads_ = true;   // preadv2(RWF_NOWAIT) works on this file
   bool nowait_writes_ = true;  // pwritev2(RWF_NOWAIT) works on this file
   RateLimit limit_;

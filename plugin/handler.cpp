@@ -250,7 +250,8 @@ unsigned ChannelHandler::take_entries(StoreQueue& queue, InFlightTable& table, u
     if (!still_ours()) return 0;  // detached: the parked write is dropped with the channel
     resume_recheck(queue, table);
     resumed = 1;
-    if (recheck_) return resumed;
+    // Parked again, or failed into a full completion ring: take nothing new.
+    if (recheck_ || !overflow_.empty() || !serving_) return resumed;
   }
   // Each entry needs at most one store request and one in-flight record,
   // and ends in one completion: never take more than the completion ring
@@ -348,9 +349,13 @@ unsigned ChannelHandler::fail_waiting(int status) {
       broken_ = true;
       break;
     }
+    ++failed_at_stop_;
+    // As take_entries(): an entry of another generation has nobody of this
+    // one waiting for it (a corrupt one is answered, its tag checked by the
+    // queue side).
+    if (result != PopStatus::Corrupt && entry.generation != static_cast<std::uint32_t>(generation_)) continue;
     complete(entry.tag, status);
     ++failed;
-    ++failed_at_stop_;
   }
   submissions_.release();
   return failed;
@@ -404,6 +409,9 @@ void ChannelHandler::enqueue(const SubmissionEntry& entry, std::byte* data, Stor
     complete(entry.tag, 0);  // nothing to do; never bother the store
     return;
   }
+  // Fenced once more, after the checksum pass (which may take long): the
+  // last moment before the request can reach the store.
+  if (!still_ours()) return;
   request.buffer = data;
   request.user_data = table.add({this, generation_, entry.tag, op, data, entry.length});
   ++in_flight_;

@@ -146,7 +146,13 @@ void HandlerThread::run() {
       any_serving |= handler->serving();
       work += draining ? handler->fail_waiting(ESHUTDOWN) : handler->take_entries(*queue, table, kTakeBudget);
     }
-    queue->submit();
+    // Fenced (docs/design.md §4): requests prepared above reach the kernel
+    // only while our backend slot is still ours.  A pause between this check
+    // and the system call is the one window left.
+    if (context_.fence.holds())
+      queue->submit();
+    else
+      queue->abandon_unstarted();
     completions.clear();
     queue->reap(completions, false);
     for (const StoreCompletion& done : completions) {

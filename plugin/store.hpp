@@ -86,6 +86,11 @@ class StoreQueue {
   virtual void reap(std::vector<StoreCompletion>& out, bool wait) = 0;
   // Requests enqueued and not yet reaped.
   virtual unsigned in_flight() const = 0;
+  // This backend lost its slot (docs/design.md §4): nothing queued and not
+  // yet started may reach the store any more.  Such requests finish with
+  // ECANCELED at the next reap(), and nothing is ever started again.  Only
+  // requests already started (in the kernel) complete as usual.
+  virtual void abandon_unstarted() {}
 };
 
 class Store {

@@ -1172,3 +1172,28 @@ TEST_CASE("fencing: an entry stamped with another generation is dropped; complet
   CHECK(later.generation == static_cast<std::uint32_t>(rig.driver->generation()));
   CHECK(later.generation != generation);
 }
+
+TEST_CASE("file store queue: requests not yet started when the slot is lost never reach the file") {
+  BackingFile file("/var/tmp", 1 << 20);
+  auto store = file_store(file);
+  auto queue = store->open_queue(8);
+  std::vector<std::byte> data(4096, std::byte{0x77});
+  StoreRequest write;
+  write.op = StoreOp::Write;
+  write.fua = true;  // never done in place: it waits in the submission queue
+  write.offset = 65536;
+  write.length = data.size();
+  write.buffer = data.data();
+  write.user_data = 42;
+  queue->enqueue(write);
+  queue->abandon_unstarted();  // the fence tripped before the batch was submitted
+  queue->submit();
+  std::vector<StoreCompletion> done;
+  for (int i = 0; i < 100 && done.empty(); ++i) queue->reap(done, false);
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].user_data == 42);
+  CHECK(done[0].error == ECANCELED);
+  CHECK(queue->in_flight() == 0);
+  queue.reset();
+  CHECK(file.read(65536, 4096) == Bytes(4096, std::byte{0}));
+}

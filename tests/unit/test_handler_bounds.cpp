@@ -400,3 +400,19 @@ TEST_CASE("a compute node that keeps setting up a refused channel gets few log l
   CHECK(warnings >= 1);  // it is said
   CHECK(warnings <= 2);  // once per 10 s, not once per generation
 }
+
+TEST_CASE("a stopping handler does not answer an entry of another generation") {
+  HandlerRig rig;
+  SubmissionEntry stale = make_entry(Op::Flush, 0, 0);
+  stale.generation = static_cast<std::uint32_t>(rig.driver->generation()) + 5;
+  REQUIRE(rig.driver->push(stale));
+  SubmissionEntry current = make_entry(Op::Flush, 0, 0);
+  REQUIRE(rig.driver->push(current));
+  CHECK(rig.handler.fail_waiting(ESHUTDOWN) == 1);
+  rig.handler.publish();
+  auto completion = rig.driver->pop(100ms);
+  REQUIRE(completion);
+  CHECK(completion->tag == current.tag);
+  CHECK(completion->status == ESHUTDOWN);
+  CHECK_FALSE(rig.driver->pop(50ms));
+}
