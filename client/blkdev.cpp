@@ -147,6 +147,9 @@ Blkdev::~Blkdev() {
   watcher_.reset();
   // Queues finish what is in flight and release their channels; then the
   // heartbeat stops and the blkdev and host slots are released.
+  // All stop at once, so the stop bound (QueueLoop::kStopLimit) holds for
+  // the blkdev, not for each queue in turn.
+  for (auto& loop : loops_) loop->stop();
   loops_.clear();
   heartbeat_.reset();
 }

@@ -96,6 +96,11 @@ std::byte* ChannelEngine::extent(std::uint32_t slot) const {
   return channel_.data(entry.submission.data_offset, entry.submission.data_length);
 }
 
+std::byte* ChannelEngine::writable_extent(std::uint32_t slot) {
+  if (lost_ || !still_ours()) return nullptr;
+  return extent(slot);
+}
+
 void ChannelEngine::payload_received(std::uint32_t slot, std::uint32_t from, std::uint32_t length) {
   Entry& entry = entries_[slot];
   std::byte* data = extent(slot);
@@ -171,10 +176,8 @@ bool ChannelEngine::accept(const CompletionEntry& completion, std::uint32_t& slo
   const std::uint64_t slot = completion.tag & ((1u << kTagSlotBits) - 1);
   const std::uint64_t serial = completion.tag >> kTagSlotBits;
   const char* why = nullptr;
-  // Handlers that predate generation stamping leave it 0; the ring itself
-  // belongs to the current generation (reset at every set-up), so only a
-  // nonzero foreign generation is proof of staleness.
-  if (completion.generation != 0 && completion.generation != static_cast<std::uint32_t>(generation_))
+  // Every handler stamps its completions with the generation it serves.
+  if (completion.generation != static_cast<std::uint32_t>(generation_))
     why = "of another generation";
   else if (slot >= entries_.size() || entries_[slot].serial != serial)
     why = "with an unknown tag";
@@ -254,7 +257,7 @@ bool ChannelEngine::begin_setup(std::optional<Binding> binding) {
   staged_ = 0;
   submissions_.reset();
   completions_.reset();
-  generation_ = channel_.queue_setup(binding_.backend_id, binding_.blkdev_id, binding_.backend_epoch);
+  generation_ = channel_.queue_setup(binding_.backend_id, binding_.blkdev_id, binding_.backend_epoch, generation_);
   setting_up_ = true;
   broken_ = false;
   last_progress_ = Clock::now();
@@ -292,6 +295,17 @@ void ChannelEngine::fail_outstanding(int error) {
   for (std::uint32_t slot = 0; slot < entries_.size(); ++slot) {
     const State state = entries_[slot].state;
     if (state == State::Waiting || state == State::Pushed) complete_locally(slot, error);
+  }
+  // A backend instance that was only paused (not dead) may wake up and pop
+  // what the ring still holds, or run what it popped: a new generation makes
+  // its fence checks fail (docs/design.md §4), so nothing failed here is
+  // executed after the failure was reported.
+  if (!lost_ && still_ours()) {
+    staged_ = 0;
+    submissions_.reset();
+    completions_.reset();
+    generation_ = channel_.queue_setup(binding_.backend_id, binding_.blkdev_id, binding_.backend_epoch, generation_);
+    setting_up_ = false;
   }
   update_in_flight_counter();
 }
@@ -357,6 +371,11 @@ void ChannelEngine::adopt_outstanding(ChannelEngine& old) {
         to.status = EIO;
     }
   }
+  // Entries the old engine completed locally (failed) and never reported:
+  // their owners still wait for them.
+  for (std::uint32_t slot : old.local_completions_)
+    if (slot < entries_.size() && entries_[slot].state == State::Completed) local_completions_.push_back(slot);
+  old.local_completions_.clear();
   old.outstanding_ = 0;
 }
 

@@ -87,6 +87,9 @@ class ChannelEngine {
   SubmissionEntry& submission(std::uint32_t slot) { return entries_[slot].submission; }
   // The bytes of the entry's data extent.
   std::byte* extent(std::uint32_t slot) const;
+  // The same, to write into (a WRITE payload): nullptr once the channel is
+  // not ours, since its data area then belongs to another compute node.
+  std::byte* writable_extent(std::uint32_t slot);
   // A WRITE's payload arrived in [extent + from, extent + from + length):
   // folds it into the entry's payload checksum (used to move the entry to
   // another channel if this one is lost).
@@ -129,6 +132,7 @@ class ChannelEngine {
   // old data area and their checksum verified; a payload that changed (the
   // new owner of that channel wrote over it) completes with EIO.  Reserved
   // entries stay Reserved (their payload continues into the new extent).
+  // Failures decided locally and not yet reaped there are reaped here.
   void adopt_outstanding(ChannelEngine& old);
   // Checks the claim; marks the engine lost (and logs once) when it is not ours.
   bool still_ours();

@@ -349,7 +349,20 @@ bool NbdSession::receive_payload(Request& request) {
       request.payload_got = 0;
       payload_since_ = Clock::now();  // the deadline runs per piece, from when it can be received
     }
-    std::byte* extent = engine_->extent(piece.slot);
+    std::byte* extent = engine_->writable_extent(piece.slot);
+    if (!extent) {
+      // The channel was taken from us (this process was paused past
+      // dead-after): its data area is another node's now.  The payload
+      // waits in the socket until the queue moves to a new channel — or,
+      // when none is to be had (the engine fails everything), is read into
+      // scratch and dropped, and the entry fails at submit.
+      if (!engine_->failing()) {
+        intake_stalled_ = true;
+        return false;
+      }
+      discard_.resize(piece.length);
+      extent = discard_.data();
+    }
     const std::uint32_t want = piece.length - request.payload_got;
     std::size_t got = std::min<std::size_t>(want, input_end_ - input_start_);
     if (got > 0) {

@@ -185,6 +185,7 @@ class NbdSession {
   int discarded_error_ = 0;
   bool input_done_ = false;            // DISC, EOF or drain: take nothing more
   bool intake_stalled_ = false;        // waiting for share or entries
+  std::vector<std::byte> discard_;     // a WRITE payload for a lost channel that fails anyway
   Clock::time_point payload_since_{};  // header of the WRITE whose payload is awaited
 
   // Requests in flight (owned; engine entries point at them).

@@ -1,5 +1,7 @@
 #include "common/channel.hpp"
 
+#include <algorithm>
+
 #include "common/cache_lines.hpp"
 #include "common/crc32c.hpp"
 #include "common/shared_atomic.hpp"
@@ -50,8 +52,8 @@ bool Channel::check_data(const void* data, std::size_t length, std::uint32_t exp
   return !mode_.checksum || crc32c(0, data, length) == expected_crc;
 }
 
-std::uint64_t Channel::queue_setup(std::uint32_t backend_id, std::uint32_t blkdev_id,
-                                   std::uint64_t backend_epoch) const {
+std::uint64_t Channel::queue_setup(std::uint32_t backend_id, std::uint32_t blkdev_id, std::uint64_t backend_epoch,
+                                   std::uint64_t after) const {
   ChannelControl& c = *control_;
   store_relaxed(c.backend_id, backend_id);
   store_relaxed(c.blkdev_id, blkdev_id);
@@ -59,7 +61,7 @@ std::uint64_t Channel::queue_setup(std::uint32_t backend_id, std::uint32_t blkde
   store_relaxed(c.sq_head.value, 0u);
   store_relaxed(c.cq_head.value, 0u);
   store_relaxed(c.in_flight, std::uint64_t{0});
-  std::uint64_t generation = load_relaxed(c.generation) + 1;
+  std::uint64_t generation = std::max(load_relaxed(c.generation), after) + 1;
   if (generation == 0) generation = 1;
   // Release: a handler that sees the generation sees the fields above.
   store_release(c.generation, generation);

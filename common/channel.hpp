@@ -46,7 +46,11 @@ class Channel {
   bool check_data(const void* data, std::size_t length, std::uint32_t expected_crc) const;
 
   // Queue side, step 1 of the attach protocol.  Returns the new generation.
-  std::uint64_t queue_setup(std::uint32_t backend_id, std::uint32_t blkdev_id, std::uint64_t backend_epoch) const;
+  // The new generation is above both the one in the control block and
+  // `after` (the caller's last), so a scribbled control block cannot make a
+  // generation come round again.
+  std::uint64_t queue_setup(std::uint32_t backend_id, std::uint32_t blkdev_id, std::uint64_t backend_epoch,
+                            std::uint64_t after = 0) const;
   // Handler side, step 2.
   void handler_attach(std::uint64_t generation, std::uint64_t backend_epoch) const;
   // True once the handler serves `generation` (step 3).

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # SIGTERM stops cbd-proxy within 5 s whatever its clients do (design §3.14):
-# here a client holds 512 READs of 1 MiB whose replies it never reads, so
-# the proxy cannot finish sending them; it must give up on that client and
-# exit, not wait for it.
+# here two clients, one on each of the proxy's two queues, each hold 512
+# READs of 1 MiB whose replies they never read, so the proxy cannot finish
+# sending them; it must give up on them and exit, not wait.  The backend is
+# paused before they send, so their entries stay in flight and each queue
+# spends its whole stop allowance: the queues must stop together for the
+# bound to hold for the proxy, not for each queue.
 source "$(dirname "$0")/functions.sh"
 require_built
 require python3
@@ -14,13 +17,17 @@ backing=$TEST_DIR/backing.img
 truncate -s 64M "$backing"
 format_transport size=64M
 start_backend file="$backing"
-start_proxy queues=1
+start_proxy queues=2
 
-python3 "$CLIENT" unread-reads "$PROXY_SOCKET" 512 1048576 60 >"$TEST_DIR/unread.json" &
-unread_pid=$!
-_wait_until 10 "the non-reading client to send its requests" test -s "$TEST_DIR/unread.json"
+kill -STOP "$BACKEND_PID"  # what the clients send stays in flight
+unread_pids=()
+for i in 1 2; do  # connections go to the queues round-robin: one each
+    python3 "$CLIENT" unread-reads "$PROXY_SOCKET" 512 1048576 60 >"$TEST_DIR/unread-$i.json" &
+    unread_pids+=($!)
+    _wait_until 10 "non-reading client $i to send its requests" test -s "$TEST_DIR/unread-$i.json"
+    log "non-reading client $i: $(cat "$TEST_DIR/unread-$i.json")"
+done
 sleep 1
-log "non-reading client: $(cat "$TEST_DIR/unread.json")"
 
 started=$(now)
 kill -TERM "$PROXY_PID"
@@ -33,9 +40,10 @@ for ((i = 0; i < EXIT_LIMIT_S * 10; i++)); do
     sleep 0.1
 done
 took=$(awk -v a="$started" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
-kill "$unread_pid" 2>/dev/null || true
-wait "$unread_pid" 2>/dev/null || true
-((exited)) || fail "cbd-proxy still runs ${EXIT_LIMIT_S}s after SIGTERM with a non-reading client"
+kill -CONT "$BACKEND_PID"
+kill "${unread_pids[@]}" 2>/dev/null || true
+wait "${unread_pids[@]}" 2>/dev/null || true
+((exited)) || fail "cbd-proxy still runs ${EXIT_LIMIT_S}s after SIGTERM with two non-reading clients"
 status=0
 wait "$PROXY_PID" || status=$?
 ((status == 0)) || fail "cbd-proxy exited with status $status after SIGTERM"

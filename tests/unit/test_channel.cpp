@@ -10,6 +10,7 @@
 
 #include "common/channel.hpp"
 #include "common/crc32c.hpp"
+#include "common/shared_atomic.hpp"
 #include "tests/unit/shm_fixture.hpp"
 
 using namespace cbd;
@@ -187,4 +188,14 @@ TEST_CASE("channel: rings in a checksum-mode channel reject corrupted entries") 
   sq[0].data_offset = 0x7fffffff;  // a peer (or a bad link) changes the extent
   SubmissionEntry got{};
   CHECK(consumer.pop(got) == PopStatus::Corrupt);
+}
+
+TEST_CASE("channel: a set-up's generation is above the caller's last, even when the control block was scribbled") {
+  test::ShmFile file("gen-rewind");
+  Transport transport = test::make_transport(file, test::small_options());
+  Channel queue(transport, 0);
+  const std::uint64_t first = queue.queue_setup(0, 0, 1);
+  store_release(transport.channel_control(0).generation, std::uint64_t{0});  // a peer rewinds it
+  const std::uint64_t second = queue.queue_setup(0, 0, 1, first);
+  CHECK(second > first);
 }

@@ -227,6 +227,7 @@ TEST_CASE("engine (d): fail_outstanding() during a payload finishes that request
   f.engine->submit(pushed);
   f.engine->publish();
   const std::uint32_t receiving = f.reserve(Op::Write, 4096, 4096, 2);
+  REQUIRE(handler.take_all().size() == 1);  // the backend took the first entry
   f.engine->fail_outstanding(EIO);
   auto done = f.reap();
   REQUIRE(done.size() == 1);
@@ -240,7 +241,7 @@ TEST_CASE("engine (d): fail_outstanding() during a payload finishes that request
   REQUIRE(done.size() == 1);
   CHECK(done[0].owner == 2);
   CHECK(done[0].status == EIO);
-  CHECK(handler.take_all().size() == 1);  // only the first entry was ever published
+  CHECK(handler.take_all().empty());  // only the first entry was ever published
   CHECK(f.engine->outstanding() == 0);
 }
 
@@ -299,4 +300,73 @@ TEST_CASE("engine: ESHUTDOWN from a backend stopping cleanly holds the entry for
   auto done = f.reap();
   REQUIRE(done.size() == 1);
   CHECK(done[0].status == 0);
+}
+
+TEST_CASE("engine: fail_outstanding() publishes a new generation, so a backend that was only paused runs none of it") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  const std::uint64_t generation = f.set_up(handler);
+  const std::uint32_t slot = f.reserve(Op::Write, 0, 4096, 1);
+  f.engine->payload_received(slot, 0, 4096);
+  f.engine->submit(slot);
+  f.engine->publish();  // in the ring; the backend instance is paused before it pops it
+  f.engine->fail_outstanding(EIO);
+  auto done = f.reap();
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].status == EIO);
+  // The instance wakes up: its fence check (the channel's generation) no
+  // longer matches, so it neither pops nor runs the entry reported failed.
+  const std::uint64_t now = load_acquire(f.transport.channel_control(0).generation);
+  CHECK(now != generation);
+  CHECK(now > generation);
+}
+
+TEST_CASE("engine: a completion without a generation stamp is not accepted") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  const std::uint64_t generation = f.set_up(handler);
+  const std::uint32_t slot = f.reserve(Op::Read, 0, 4096, 1);
+  f.engine->submit(slot);
+  f.engine->publish();
+  auto taken = handler.take_all();
+  REQUIRE(taken.size() == 1);
+  handler.complete(taken[0].tag, 0, 0, 4096);
+  CHECK(f.reap().empty());
+  CHECK(f.engine->in_flight() == 1);
+  handler.complete(taken[0].tag, static_cast<std::uint32_t>(generation), 0, 4096);
+  auto done = f.reap();
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].owner == 1);
+}
+
+TEST_CASE("engine: a lost channel's data area is never written; failures not yet reaped move with the entries") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  f.set_up(handler);
+  const std::uint32_t receiving = f.reserve(Op::Write, 0, 4096, 1);
+  REQUIRE(f.engine->writable_extent(receiving) != nullptr);
+  // The backend was gone past timeout=: everything fails, and so does an
+  // entry submitted after that.  Its failure is not reaped yet.
+  f.engine->fail_outstanding(EIO);
+  const std::uint32_t failed = f.reserve(Op::Read, 8192, 4096, 2);
+  f.engine->submit(failed);
+
+  // Judged dead while paused: the channel is reclaimed and claimed by another node.
+  ChannelControl& control = f.transport.channel_control(0);
+  REQUIRE(reclaim(control.header, f.claimed_word));
+  REQUIRE(try_claim(control.header, 3));
+  CHECK(f.engine->writable_extent(receiving) == nullptr);
+  CHECK(f.engine->lost());
+
+  // A fresh channel takes the entries over: the failure is still reported.
+  auto word = try_claim(f.transport.channel_control(1).header, kNoSlot);
+  REQUIRE(word);
+  ChannelEngine replacement(f.transport, SlotClaim(&f.transport.channel_control(1).header, 1, *word));
+  replacement.adopt_outstanding(*f.engine);
+  std::vector<EngineCompletion> done;
+  replacement.reap([&](const EngineCompletion& c) { done.push_back(c); });
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].owner == 2);
+  CHECK(done[0].status == EIO);
+  CHECK(replacement.writable_extent(receiving) != nullptr);  // its payload goes on here
 }
