@@ -391,6 +391,23 @@ slot_count() {
     list_json | jq "[.${kind}[]? | select($filter)] | length"
 }
 
+# channel_requests: the requests all listed channels have carried.
+channel_requests() {
+    list_json | jq '[.channels[]? | .requests] | add // 0'
+}
+
+# await_requests COUNT PID WHAT: waits (at most 60 s) until the channels have
+# carried more than COUNT requests; fails naming WHAT (the load, process PID)
+# when it ends first or makes no progress.
+await_requests() {
+    local count=$1 pid=$2 what=$3 deadline=$((SECONDS + 60))
+    until (($(channel_requests) > count)); do
+        kill -0 "$pid" 2>/dev/null || fail "$what ended before $count requests went through"
+        ((SECONDS < deadline)) || fail "$what made no progress"
+        sleep 0.05
+    done
+}
+
 # in_flight_total: the sum of the channel counters `in_flight`.
 in_flight_total() {
     list_json | jq '[.channels[]? | .in_flight] | add // 0'

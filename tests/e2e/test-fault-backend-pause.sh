@@ -46,7 +46,6 @@ JOB
 run_client fio --output-format=json --output="$TEST_DIR/fio.json" "$TEST_DIR/verify.fio" &
 fio_pid=$!
 
-requests() { list_json | jq '[.channels[]? | .requests] | add // 0'; }
 backend0() { list_json | jq -c '.backends[]? | select(.id == 0)'; }
 owned_by() { backend0 | jq -e --argjson pid "$1" '.owner_pid == $pid and .state == "live"' >/dev/null; }
 fio_running() { kill -0 "$fio_pid" 2>/dev/null; }
@@ -59,7 +58,7 @@ fio_gone() {
 }
 
 deadline=$((SECONDS + 60))
-until (($(requests) > 200)); do
+until (($(channel_requests) > 200)); do
     fio_running || fio_gone "before backend 1 could be paused"
     ((SECONDS < deadline)) || fail "fio made no progress"
     sleep 0.05
@@ -67,7 +66,7 @@ done
 
 # 1. Pause backend 1 past dead-after, under load.
 kill -STOP "$backend1"
-log "backend 1 (pid $backend1) paused after $(requests) requests"
+log "backend 1 (pid $backend1) paused after $(channel_requests) requests"
 sleep "$(echo "2 * $dead_after_ms / 1000" | bc -l)"
 fio_running || fio_gone "while backend 1 was paused (it must wait, not fail)"
 
@@ -87,13 +86,13 @@ owned_by "$backend2" || fail "backend slot 0 changed hands after backend 1 resum
 kill -0 "$backend1" || fail "backend 1 died after losing its slot"
 
 # I/O goes on through backend 2.
-before=$(requests)
-resumed() { ! fio_running || (($(requests) > before + 50)); }
+before=$(channel_requests)
+resumed() { ! fio_running || (($(channel_requests) > before + 50)); }
 _wait_until 60 "I/O to resume through backend 2" resumed
 
 # 4. Kill backend 2; backend 3 must take over within dead-after + 1 s.
 fio_running || fio_gone "before backend 2 could be killed"
-log "killing backend 2 after $(requests) requests"
+log "killing backend 2 after $(channel_requests) requests"
 crash_process "$backend2"
 killed_at=$(now)
 start_backend file="$backing" backend-id=0

@@ -38,7 +38,6 @@ JOB
 run_client fio --output-format=json --output="$TEST_DIR/fio.json" "$TEST_DIR/verify.fio" &
 fio_pid=$!
 
-requests() { list_json | jq '[.channels[]? | .requests] | add // 0'; }
 # Resumed once new requests go through again, or fio is done (a kill can
 # land just as it finishes; its result is checked below either way).
 resumed() {
@@ -53,7 +52,7 @@ kills=0
 mark=100
 for round in 1 2; do
     deadline=$((SECONDS + 60))
-    until (($(requests) > mark)); do
+    until (($(channel_requests) > mark)); do
         kill -0 "$fio_pid" 2>/dev/null || break 2
         ((SECONDS < deadline)) || fail "fio made no progress"
         sleep 0.05
@@ -64,7 +63,7 @@ for round in 1 2; do
     kills=$((kills + 1))
     # Nothing completes any more: the counters show what the proxy holds.
     in_flight=$(in_flight_total)
-    before=$(requests)
+    before=$(channel_requests)
     log "kill $round: backend killed with $in_flight requests in flight ($before submitted so far)"
 
     start_backend file="$backing" backend-id=0

@@ -37,20 +37,14 @@ JOB
 run_client fio --output-format=json --output="$TEST_DIR/fio.json" "$TEST_DIR/verify.fio" &
 fio_pid=$!
 
-requests() { list_json | jq '[.channels[]? | .requests] | add // 0'; }
-deadline=$((SECONDS + 60))
-until (($(requests) > 200)); do
-    kill -0 "$fio_pid" 2>/dev/null || fail "fio ended before the backend could be stopped"
-    ((SECONDS < deadline)) || fail "fio made no progress"
-    sleep 0.05
-done
+await_requests 200 "$fio_pid" fio
 
 stopped=$BACKEND_PID
 stop_process "$stopped" || fail "nbdkit did not stop cleanly on SIGTERM"
 keep=()
 for pid in "${_cbd_pids[@]}"; do [[ $pid == "$stopped" ]] || keep+=("$pid"); done
 _cbd_pids=("${keep[@]}")
-before=$(requests)
+before=$(channel_requests)
 log "backend stopped with SIGTERM after $before requests; restarting it"
 sleep 0.5
 start_backend file="$backing" backend-id=0
@@ -62,7 +56,7 @@ jq -r '.jobs[] | "job \(.jobname): read \(.read.io_bytes) B, write \(.write.io_b
 ((status == 0)) || fail "fio failed (status $status) across the clean backend stop"
 jq -e '[.jobs[] | .error] | all(. == 0)' "$TEST_DIR/fio.json" >/dev/null || fail "fio reports errors"
 jq -e '[.jobs[] | .read.io_bytes] | all(. > 0)' "$TEST_DIR/fio.json" >/dev/null || fail "fio verified nothing"
-(($(requests) > before)) || fail "no request went through after the restart"
+(($(channel_requests) > before)) || fail "no request went through after the restart"
 errors=$(list_json | jq '[.channels[]? | .errors] | add // 0')
 ((errors == 0)) || fail "the proxy failed $errors requests"
 stop_all || fail "a server did not stop cleanly"

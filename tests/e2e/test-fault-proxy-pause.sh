@@ -58,13 +58,7 @@ fio_job a "$uri_a" 0 12m
 run_client fio --output-format=json --output="$TEST_DIR/a.json" "$TEST_DIR/a.fio" &
 fio_a=$!
 
-requests() { list_json | jq '[.channels[]? | .requests] | add // 0'; }
-deadline=$((SECONDS + 60))
-until (($(requests) > 50)); do
-    kill -0 "$fio_a" 2>/dev/null || fail "fio a ended before the pause"
-    ((SECONDS < deadline)) || fail "fio a made no progress"
-    sleep 0.05
-done
+await_requests 50 "$fio_a" "fio a"
 
 kill -STOP "$proxy_a"
 paused_at=$(now)
