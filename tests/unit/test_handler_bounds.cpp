@@ -339,20 +339,30 @@ TEST_CASE("checksum mode: a channel whose every write checksum is wrong cannot s
   };
 
   // Best of a few rounds each, interleaved, so a burst of load from
-  // elsewhere on the machine does not decide the verdict.
+  // elsewhere on the machine does not decide the verdict.  Load from
+  // elsewhere only ever lowers a round, and it can outlast one series of
+  // rounds: a series that misses is measured again, up to kSeries times.
+  // A handler that lets the bad channel starve the good one misses every
+  // series (with the re-check pauses removed it keeps about 6%).
+  constexpr int kSeries = 3;
   double alone = 0, beside = 0;
-  for (int round = 0; round < 4; ++round) {
-    wait_bad_idle();
-    alone = std::max(alone, measure(400ms));
-    hostile = true;
-    std::this_thread::sleep_for(50ms);  // its ring is full and its first writes are being checked
-    beside = std::max(beside, measure(400ms));
-    hostile = false;
+  for (int series = 0; series < kSeries; ++series) {
+    alone = beside = 0;
+    for (int round = 0; round < 4; ++round) {
+      wait_bad_idle();
+      alone = std::max(alone, measure(400ms));
+      hostile = true;
+      std::this_thread::sleep_for(50ms);  // its ring is full and its first writes are being checked
+      beside = std::max(beside, measure(400ms));
+      hostile = false;
+    }
+    MESSAGE("series ", series + 1, ": good channel ", alone / kMiB, " MiB/s alone, ", beside / kMiB,
+            " MiB/s beside the bad one");
+    if (beside >= 0.9 * alone) break;
   }
   quit = true;
   attacker.join();
-  MESSAGE("good channel: ", alone / kMiB, " MiB/s alone, ", beside / kMiB, " MiB/s beside the bad one; bad one: ",
-          bad_eio.load(), " writes failed with EIO");
+  MESSAGE("bad channel: ", bad_eio.load(), " writes failed with EIO");
   CHECK(beside >= 0.9 * alone);
   CHECK(bad_eio.load() > 0);  // the bad peer was really served (and refused)
   CHECK(bad_other.load() == 0);
