@@ -88,6 +88,13 @@ struct EngineFixture {
     se.length = length;
     return *slot;
   }
+  // An entry reserved, submitted and published: in the ring for a handler.
+  std::uint32_t publish_one(Op op, std::uint64_t offset, std::uint32_t length, std::uint64_t owner) {
+    const std::uint32_t slot = reserve(op, offset, length, owner);
+    engine->submit(slot);
+    engine->publish();
+    return slot;
+  }
   std::vector<EngineCompletion> reap() {
     std::vector<EngineCompletion> done;
     engine->reap([&](const EngineCompletion& c) { done.push_back(c); });
@@ -108,9 +115,7 @@ TEST_CASE("engine (a): a WRITE whose payload arrives during a set-up is pushed e
   ScriptedHandler handler(f.transport, 1);
   const std::uint64_t first = f.set_up(handler);
 
-  const std::uint32_t read = f.reserve(Op::Read, 0, 4096, 1);
-  f.engine->submit(read);
-  f.engine->publish();
+  f.publish_one(Op::Read, 0, 4096, 1);
   const std::uint32_t write = f.reserve(Op::Write, 8192, 4096, 2);  // payload still arriving
   auto in_first = handler.take_all();
   REQUIRE(in_first.size() == 1);
@@ -150,9 +155,7 @@ TEST_CASE("engine (b): after the channel was reclaimed and claimed by another ow
   EngineFixture f;
   ScriptedHandler handler(f.transport, 1);
   f.set_up(handler);
-  const std::uint32_t pending = f.reserve(Op::Read, 0, 4096, 1);
-  f.engine->submit(pending);
-  f.engine->publish();
+  f.publish_one(Op::Read, 0, 4096, 1);
 
   // Judged dead while paused: reclaimed, then claimed and set up by someone else.
   ChannelControl& control = f.transport.channel_control(0);
@@ -169,9 +172,7 @@ TEST_CASE("engine (b): after the channel was reclaimed and claimed by another ow
   const auto before = snapshot();
 
   // The former owner wakes up and keeps working.
-  const std::uint32_t more = f.reserve(Op::Write, 4096, 4096, 2);
-  f.engine->submit(more);
-  f.engine->publish();
+  f.publish_one(Op::Write, 4096, 4096, 2);
   f.reap();
   CHECK_FALSE(f.engine->begin_setup(Binding{0, 0, 2}));
   CHECK_FALSE(f.engine->poll_attached());
@@ -187,9 +188,7 @@ TEST_CASE("engine (c): a forged completion for a tag not in the ring is ignored;
   EngineFixture f;
   ScriptedHandler handler(f.transport, 1);
   const std::uint64_t generation = f.set_up(handler);
-  const std::uint32_t first = f.reserve(Op::Read, 0, 4096, 1);
-  f.engine->submit(first);
-  f.engine->publish();
+  f.publish_one(Op::Read, 0, 4096, 1);
   auto taken = handler.take_all();
   REQUIRE(taken.size() == 1);
   const std::uint64_t first_tag = taken[0].tag;
@@ -223,9 +222,7 @@ TEST_CASE("engine (d): fail_outstanding() during a payload finishes that request
   EngineFixture f;
   ScriptedHandler handler(f.transport, 1);
   f.set_up(handler);
-  const std::uint32_t pushed = f.reserve(Op::Read, 0, 4096, 1);
-  f.engine->submit(pushed);
-  f.engine->publish();
+  f.publish_one(Op::Read, 0, 4096, 1);
   const std::uint32_t receiving = f.reserve(Op::Write, 4096, 4096, 2);
   REQUIRE(handler.take_all().size() == 1);  // the backend took the first entry
   f.engine->fail_outstanding(EIO);
@@ -251,9 +248,7 @@ TEST_CASE("engine: the extent of an entry re-driven across generations is quaran
   f.set_up(handler);
   f.engine->set_quarantine(std::chrono::milliseconds(200));
   const std::uint32_t whole = static_cast<std::uint32_t>(f.engine->data_size());
-  std::uint32_t slot = f.reserve(Op::Read, 0, 4096, 1);
-  f.engine->submit(slot);
-  f.engine->publish();
+  std::uint32_t slot = f.publish_one(Op::Read, 0, 4096, 1);
   handler.take_all();  // the old instance took it and may still execute it
   const std::uint64_t generation = f.set_up(handler, 2);
   auto redriven = handler.take_all();
@@ -285,9 +280,7 @@ TEST_CASE("engine: ESHUTDOWN from a backend stopping cleanly holds the entry for
   EngineFixture f;
   ScriptedHandler handler(f.transport, 1);
   std::uint64_t generation = f.set_up(handler);
-  const std::uint32_t slot = f.reserve(Op::Read, 0, 4096, 1);
-  f.engine->submit(slot);
-  f.engine->publish();
+  f.publish_one(Op::Read, 0, 4096, 1);
   auto taken = handler.take_all();
   REQUIRE(taken.size() == 1);
   handler.complete(taken[0].tag, static_cast<std::uint32_t>(generation), ESHUTDOWN);
@@ -325,9 +318,7 @@ TEST_CASE("engine: a completion without a generation stamp is not accepted") {
   EngineFixture f;
   ScriptedHandler handler(f.transport, 1);
   const std::uint64_t generation = f.set_up(handler);
-  const std::uint32_t slot = f.reserve(Op::Read, 0, 4096, 1);
-  f.engine->submit(slot);
-  f.engine->publish();
+  f.publish_one(Op::Read, 0, 4096, 1);
   auto taken = handler.take_all();
   REQUIRE(taken.size() == 1);
   handler.complete(taken[0].tag, 0, 0, 4096);
