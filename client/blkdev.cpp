@@ -8,6 +8,7 @@
 
 #include "common/error.hpp"
 #include "common/flush_ranges.hpp"
+#include "common/kernel_identity.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
@@ -87,6 +88,7 @@ Blkdev::Blkdev(const Transport& transport, const BlkdevOptions& options)
     if (!host_) throw Error(where + ": no free host slot — run `cbd-proxy gc` to reclaim dead ones");
     write_name(transport.host(host_.index()).hostname,
                options.hostname.empty() ? local_hostname() : options.hostname);
+    write_kernel_id(transport.host(host_.index()), local_kernel_id());
     blkdev_ = claim_first_free(transport.blkdev_count(), &Transport::blkdev, transport, host_.index());
     if (!blkdev_) throw Error(where + ": no free blkdev slot — run `cbd-proxy gc` to reclaim dead ones");
     BlkdevSlot& blkdev = transport.blkdev(blkdev_.index());
@@ -199,6 +201,7 @@ bool Blkdev::reclaim_lost(const std::vector<bool>& channel_lost, bool host_lost,
     if (!host) return false;
     write_name(transport_.host(host.index()).hostname,
                options_.hostname.empty() ? local_hostname() : options_.hostname);
+    write_kernel_id(transport_.host(host.index()), local_kernel_id());
     host_ = std::move(host);
   }
   bool blkdev_changed = false;

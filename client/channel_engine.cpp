@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common/crc32c.hpp"
+#include "common/doorbell.hpp"
 #include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
@@ -24,6 +25,7 @@ RateLimit redrive_log(std::chrono::seconds(10));
 
 ChannelEngine::ChannelEngine(const Transport& transport, SlotClaim claim)
     : channel_(transport, claim.index()),
+      transport_(transport),
       claim_(std::move(claim)),
       allocator_(channel_.data_size()),
       submissions_(channel_.submission_producer()),
@@ -148,6 +150,7 @@ void ChannelEngine::publish() {
   if (staged_ == 0) return;
   if (!still_ours()) return;
   submissions_.publish();
+  if (doorbell_) ring_doorbell(*doorbell_);
   staged_ = 0;
   update_in_flight_counter();
 }
@@ -246,6 +249,7 @@ void ChannelEngine::expire_quarantine(Clock::time_point now) {
 bool ChannelEngine::begin_setup(std::optional<Binding> binding) {
   if (binding) binding_ = *binding;
   attached_ = false;
+  doorbell_ = nullptr;
   if (!still_ours()) return false;
   // Every entry in the old ring is abandoned with it: back to Waiting, to be
   // pushed once into the new generation.
@@ -264,6 +268,16 @@ bool ChannelEngine::begin_setup(std::optional<Binding> binding) {
   return true;
 }
 
+std::uint32_t* ChannelEngine::find_doorbell() const {
+  // Flush mode: the peer is on another host (or coherence is not trusted);
+  // a futex cannot cross hosts, so the handler polls and nobody rings.
+  if (channel_.mode().flush) return nullptr;
+  // The handler's word, stored before the attached_generation we have seen.
+  const std::uint32_t named = load_relaxed(channel_.control().handler_doorbell);
+  if (named == 0 || named > kBackendDoorbells || binding_.backend_id >= transport_.backend_count()) return nullptr;
+  return &transport_.backend(binding_.backend_id).doorbell[named - 1];
+}
+
 bool ChannelEngine::poll_attached() {
   if (!setting_up_) return attached_;
   if (!still_ours()) return false;
@@ -271,6 +285,7 @@ bool ChannelEngine::poll_attached() {
   setting_up_ = false;
   attached_ = true;
   failing_ = 0;
+  doorbell_ = find_doorbell();
   std::size_t redriven = 0;
   for (std::uint32_t slot = 0; slot < entries_.size(); ++slot) {
     Entry& entry = entries_[slot];

@@ -71,6 +71,7 @@ class ChannelEngine {
   std::size_t outstanding() const { return outstanding_; }
   std::uint64_t generation() const { return generation_; }
   bool attached() const { return attached_; }
+
   int failing() const { return failing_; }
   // The channel was taken from us (we were judged dead): nothing more is
   // written to it.  The caller moves the outstanding entries to a new
@@ -136,6 +137,7 @@ class ChannelEngine {
   void adopt_outstanding(ChannelEngine& old);
   // Checks the claim; marks the engine lost (and logs once) when it is not ours.
   bool still_ours();
+  std::uint32_t* find_doorbell() const;
 
  private:
   enum class State : std::uint8_t { Free, Reserved, Waiting, Pushed, Completed };
@@ -167,6 +169,7 @@ class ChannelEngine {
   void fail_adopted(std::uint32_t slot, int error);
 
   Channel channel_;
+  const Transport& transport_;
   SlotClaim claim_;
   DataAreaAllocator allocator_;
   RingProducer<SubmissionEntry> submissions_;
@@ -178,6 +181,9 @@ class ChannelEngine {
   std::uint32_t max_piece_ = 4096;
   std::uint64_t next_serial_ = 1;
   Binding binding_{};
+  // The word the attached handler sleeps on (docs/design.md, Doorbells),
+  // rung after each publish; null when it named none, or none we can reach.
+  std::uint32_t* doorbell_ = nullptr;
   std::uint64_t generation_ = 0;
   std::size_t in_flight_ = 0;     // Pushed
   std::size_t outstanding_ = 0;   // Reserved + Waiting + Pushed

@@ -118,9 +118,15 @@ Described describe_slot(const Transport& t, const SurveyedSlot& s) {
       json["in_flight"] = in_flight;
       json["handler_completed"] = load_relaxed(c.handler_completed);
       json["handler_errors"] = load_relaxed(c.handler_errors);
+      // Whether the handler sleeps on a doorbell this queue side rings
+      // (docs/design.md, Polling and doorbells): only when both share a
+      // kernel.  What the attached handler announced; nothing otherwise.
+      const bool doorbell = attached && load_relaxed(c.handler_doorbell) != 0;
+      json["doorbell"] = doorbell;
       text += ", backend " + u64(json["backend"].get<std::uint64_t>()) + ", blkdev " +
               u64(json["blkdev"].get<std::uint64_t>()) + (attached ? ", attached" : ", not attached") + ", requests " +
-              u64(requests) + ", bytes " + u64(bytes) + ", errors " + u64(errors) + ", in flight " + u64(in_flight);
+              u64(requests) + ", bytes " + u64(bytes) + ", errors " + u64(errors) + ", in flight " + u64(in_flight) +
+              (doorbell ? ", doorbell" : "");
       break;
     }
   }

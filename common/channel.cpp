@@ -63,17 +63,24 @@ std::uint64_t Channel::queue_setup(std::uint32_t backend_id, std::uint32_t blkde
   store_relaxed(c.in_flight, std::uint64_t{0});
   std::uint64_t generation = std::max(load_relaxed(c.generation), after) + 1;
   if (generation == 0) generation = 1;
+  // Tied to this generation, so an older queue side that sets the channel
+  // up later (and leaves the field alone) is never taken for one that rings.
+  store_relaxed(c.queue_rings, rings_tag(generation));
+  // The previous handler's announcement is not the next one's (an older
+  // handler would never write it).
+  store_relaxed(c.handler_doorbell, 0u);
   // Release: a handler that sees the generation sees the fields above.
   store_release(c.generation, generation);
   if (mode_.flush) write_back_lines(control_, sizeof *control_);
   return generation;
 }
 
-void Channel::handler_attach(std::uint64_t generation, std::uint64_t backend_epoch) const {
+void Channel::handler_attach(std::uint64_t generation, std::uint64_t backend_epoch, std::uint32_t doorbell) const {
   ChannelControl& c = *control_;
   store_relaxed(c.sq_tail.value, 0u);
   store_relaxed(c.cq_tail.value, 0u);
   store_relaxed(c.handler_backend_epoch, backend_epoch);
+  store_relaxed(c.handler_doorbell, doorbell);
   store_release(c.attached_generation, generation);
   if (mode_.flush) write_back_lines(control_, sizeof *control_);
 }

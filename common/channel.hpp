@@ -13,6 +13,12 @@
 
 namespace cbd {
 
+// The queue_rings value of a set-up for `generation`: its low 32 bits, never 0.
+inline std::uint32_t rings_tag(std::uint64_t generation) {
+  const auto tag = static_cast<std::uint32_t>(generation);
+  return tag != 0 ? tag : 1u;
+}
+
 class Channel {
  public:
   Channel() = default;
@@ -49,10 +55,13 @@ class Channel {
   // The new generation is above both the one in the control block and
   // `after` (the caller's last), so a scribbled control block cannot make a
   // generation come round again.
+  // It also says that we ring the handler's doorbell (docs/design.md,
+  // Polling and doorbells) and clears what the last handler announced.
   std::uint64_t queue_setup(std::uint32_t backend_id, std::uint32_t blkdev_id, std::uint64_t backend_epoch,
                             std::uint64_t after = 0) const;
-  // Handler side, step 2.
-  void handler_attach(std::uint64_t generation, std::uint64_t backend_epoch) const;
+  // Handler side, step 2.  `doorbell`: 1 + the BackendSlot::doorbell word
+  // the handler sleeps on, 0 for none (docs/design.md, Doorbells).
+  void handler_attach(std::uint64_t generation, std::uint64_t backend_epoch, std::uint32_t doorbell = 0) const;
   // True once the handler serves `generation` (step 3).
   bool handler_attached(std::uint64_t generation) const;
 

@@ -37,7 +37,7 @@ inline constexpr std::size_t kPageSize = 4096;
 
 inline constexpr std::uint64_t kSuperblockMagic = 0x534e415254444243ull;  // the bytes "CBDTRANS"
 inline constexpr std::uint16_t kVersionMajor = 1;
-inline constexpr std::uint16_t kVersionMinor = 0;
+inline constexpr std::uint16_t kVersionMinor = 1;  // 1: doorbells and wake-ups (docs/design.md, Polling and doorbells)
 
 // Incompatible features: a reader that does not know one must refuse the
 // transport, because it would misread entries.
@@ -121,9 +121,11 @@ static_assert(sizeof(SlotHeader) == kLineSize);
 struct HostSlot {
   SlotHeader header;
   char hostname[kNameSize];   // writer: owner at claim
-  std::uint8_t reserved[128];
+  std::uint8_t boot_id[16];   // writer: owner at claim; its kernel's boot id (common/kernel_identity.hpp), 0 = unknown
+  std::uint8_t reserved[112];
 };
 static_assert(sizeof(HostSlot) == 256);
+static_assert(offsetof(HostSlot, boot_id) == 2 * kLineSize);
 
 // Capability bits a backend publishes; the proxy advertises exactly these.
 inline constexpr std::uint32_t kCapReadOnly = 1u << 0;
@@ -145,10 +147,18 @@ struct BackendSlot {
   std::uint32_t block_preferred;// writer: owner
   std::uint32_t block_max;      // writer: owner; largest single request the handler accepts
   std::uint32_t caps;           // writer: owner; kCap* bits
-  std::uint8_t reserved[104];
+  std::uint8_t reserved[40];
+  // Doorbell words (common/doorbell.hpp), one per handler thread of the
+  // backend; a channel names its handler's in handler_doorbell.  The only
+  // field with two writers: the handler sets the waiter bit, queue sides
+  // clear it when they publish.
+  std::uint32_t doorbell[16];
 };
+static_assert(sizeof(BackendSlot::doorbell) / sizeof(std::uint32_t) == 16);
 static_assert(sizeof(BackendSlot) == 256);
 static_assert(offsetof(BackendSlot, export_size) == 128);
+static_assert(offsetof(BackendSlot, doorbell) == 3 * kLineSize);
+inline constexpr std::uint32_t kBackendDoorbells = 16;
 
 struct BlkdevSlot {
   SlotHeader header;
@@ -255,7 +265,8 @@ struct ChannelControl {
   std::uint32_t blkdev_id;
   std::uint64_t backend_epoch;       // epoch of the backend slot this channel is bound to
   std::uint64_t generation;          // release-stored last; 0 = not set up
-  std::uint8_t reserved1[40];
+  std::uint32_t queue_rings;         // generation (low 32 bits, never 0) when the queue side rings handler_doorbell after each publish; older ones leave 0
+  std::uint8_t reserved1[36];
   RingIndex sq_head;                 // writer: queue side (producer)
   RingIndex sq_tail;                 // writer: handler side (consumer)
   RingIndex cq_tail;                 // writer: handler side (producer)
@@ -266,7 +277,8 @@ struct ChannelControl {
   std::uint64_t handler_backend_epoch;
   std::uint64_t handler_completed;   // entries completed (statistics)
   std::uint64_t handler_errors;      // entries completed with an error (statistics)
-  std::uint8_t reserved6[24];
+  std::uint32_t handler_doorbell;    // 1 + the index in BackendSlot::doorbell the handler sleeps on; 0 = none (poll)
+  std::uint8_t reserved6[20];
   // line 7 — writer: queue side (statistics)
   std::uint64_t requests;
   std::uint64_t bytes;
@@ -281,6 +293,8 @@ static_assert(offsetof(ChannelControl, cq_tail) == 4 * kLineSize);
 static_assert(offsetof(ChannelControl, cq_head) == 5 * kLineSize);
 static_assert(offsetof(ChannelControl, attached_generation) == 6 * kLineSize);
 static_assert(offsetof(ChannelControl, requests) == 7 * kLineSize);
+static_assert(offsetof(ChannelControl, queue_rings) == kLineSize + 24);
+static_assert(offsetof(ChannelControl, handler_doorbell) == 6 * kLineSize + 40);
 
 template <typename T>
 inline constexpr bool kOnMedia = std::is_standard_layout_v<T> && std::is_trivially_copyable_v<T>;

@@ -17,12 +17,12 @@ inline void cpu_relax() {
 #endif
 }
 
-void sleep_us(std::uint32_t microseconds) {
+}  // namespace
+
+void sleep_for_us(std::uint32_t microseconds) {
   timespec ts{static_cast<time_t>(microseconds / 1000000), static_cast<long>(microseconds % 1000000) * 1000};
   ::nanosleep(&ts, nullptr);
 }
-
-}  // namespace
 
 void set_fine_timer_slack() { ::prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0); }
 
@@ -38,6 +38,17 @@ void AdaptivePoller::active() {
 }
 
 void AdaptivePoller::idle() {
+  if (const std::uint32_t pause = next_pause_us()) sleep_for_us(pause);
+}
+
+std::uint32_t AdaptivePoller::ceiling_us() const {
+  const auto since = std::chrono::steady_clock::now() - last_active_;
+  std::uint32_t ceiling = std::max(tunables_.max_sleep_us, tunables_.min_sleep_us);
+  if (since >= std::chrono::milliseconds(tunables_.idle_after_ms)) ceiling = std::max(ceiling, tunables_.idle_sleep_us);
+  return ceiling;
+}
+
+std::uint32_t AdaptivePoller::next_pause_us() {
   const auto since = std::chrono::steady_clock::now() - last_active_;
   if (spinning_) {
     if (since < std::chrono::microseconds(tunables_.spin_us)) {
@@ -47,14 +58,13 @@ void AdaptivePoller::idle() {
       // the time the work we wait for needs); with none, this returns at
       // once and the spin goes on.
       ::sched_yield();
-      return;
+      return 0;
     }
     spinning_ = false;
   }
-  std::uint32_t ceiling = std::max(tunables_.max_sleep_us, tunables_.min_sleep_us);
-  if (since >= std::chrono::milliseconds(tunables_.idle_after_ms)) ceiling = std::max(ceiling, tunables_.idle_sleep_us);
+  const std::uint32_t ceiling = ceiling_us();
   sleep_us_ = sleep_us_ == 0 ? std::max<std::uint32_t>(tunables_.min_sleep_us, 1) : std::min(sleep_us_ * 2, ceiling);
-  sleep_us(sleep_us_);
+  return sleep_us_;
 }
 
 }  // namespace cbd

@@ -1,4 +1,4 @@
-// Adaptive polling (design §3.10): spin briefly after activity, then back
+// Adaptive polling (docs/design.md, Polling and doorbells): spin briefly after activity, then back
 // off to sleeps that grow up to a ceiling, so an idle daemon costs about no
 // CPU while a busy one reacts in well under a microsecond.
 #pragma once
@@ -26,6 +26,11 @@ class AdaptivePoller {
   void active();
   // Call after a poll found nothing: pauses for a moment (spin or sleep).
   void idle();
+  // The same, for a caller that sleeps its own way: spins a moment and
+  // returns 0, or returns how long to sleep now.
+  std::uint32_t next_pause_us();
+  // The longest sleep allowed now: what a wait that a wake cuts short uses.
+  std::uint32_t ceiling_us() const;
   // Call before a known long idle (e.g. nothing in flight): skips the spin.
   void quiesce() { spinning_ = false; }
 
@@ -39,5 +44,6 @@ class AdaptivePoller {
 // Sets this thread's timer slack to 1 µs so short sleeps are short (the
 // default 50 µs slack would dominate the back-off).
 void set_fine_timer_slack();
+void sleep_for_us(std::uint32_t microseconds);
 
 }  // namespace cbd

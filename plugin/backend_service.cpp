@@ -8,6 +8,7 @@
 
 #include "common/error.hpp"
 #include "common/flush_ranges.hpp"
+#include "common/kernel_identity.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 
@@ -69,6 +70,7 @@ void BackendService::claim_host() {
     if (auto word = try_claim(slot.header, kNoSlot)) {
       host_ = SlotClaim(&slot.header, i, *word);
       write_name(slot.hostname, config_.hostname);
+      write_kernel_id(slot, context_.kernel_id);
       return;
     }
   }
@@ -171,7 +173,11 @@ void BackendService::start() {
   const unsigned threads = std::clamp(config_.handlers, 1u, std::max(1u, transport_.channel_count()));
   std::vector<std::vector<std::uint32_t>> assignment(threads);
   for (std::uint32_t i = 0; i < transport_.channel_count(); ++i) assignment[i % threads].push_back(i);
-  for (auto& channels : assignment) handlers_.push_back(std::make_unique<HandlerThread>(context_, std::move(channels)));
+  // The first kBackendDoorbells threads each get a doorbell word; any more
+  // only poll.
+  for (std::uint32_t t = 0; t < threads; ++t)
+    handlers_.push_back(std::make_unique<HandlerThread>(context_, std::move(assignment[t]),
+                                                        t < kBackendDoorbells ? t + 1 : 0));
   running_ = true;
 }
 

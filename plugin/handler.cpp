@@ -208,8 +208,9 @@ bool ChannelHandler::still_ours() {
   return false;
 }
 
-void ChannelHandler::attach(std::uint64_t generation, std::uint64_t backend_epoch) {
-  channel_.handler_attach(generation, backend_epoch);
+void ChannelHandler::attach(std::uint64_t generation, std::uint64_t backend_epoch, std::uint32_t doorbell) {
+  channel_.handler_attach(generation, backend_epoch, doorbell);
+  doorbell_ = doorbell;
   submissions_.reset();
   completions_.reset();
   overflow_.clear();

@@ -100,8 +100,16 @@ class ChannelHandler {
   // A write whose data checksum did not match waits for its next re-check.
   bool rechecking() const { return recheck_.has_value(); }
 
-  // Step 2 of the attach protocol, then serve `generation`.
-  void attach(std::uint64_t generation, std::uint64_t backend_epoch);
+  // Entries wait in the submission ring (whether or not they can be taken
+  // now): the thread must not sleep on its doorbell.
+  // A broken ring (impossible producer index) counts as empty.
+  bool has_submissions() { return serving_ && !broken_ && submissions_.available() > 0; }
+  // The queue side was told our doorbell at attach.
+  bool named_doorbell() const { return doorbell_ != 0; }
+
+  // Step 2 of the attach protocol, then serve `generation`.  `doorbell`:
+  // the word the thread sleeps on, as handler_attach() takes it.
+  void attach(std::uint64_t generation, std::uint64_t backend_epoch, std::uint32_t doorbell = 0);
   // Stop serving: no more entries are taken, and completions of requests
   // still in flight are dropped (they belong to a generation nobody waits
   // for any more).
@@ -168,6 +176,7 @@ class ChannelHandler {
   const BackendFence& fence_;
   ExportLimits limits_;
   RingConsumer<SubmissionEntry> submissions_;
+  std::uint32_t doorbell_ = 0;  // as given to attach()
   RingProducer<CompletionEntry> completions_;
   bool serving_ = false;
   bool broken_ = false;  // the submission ring's indices are impossible: wait for a new generation

@@ -7,6 +7,7 @@
 #include <cerrno>
 
 #include "common/cache_lines.hpp"
+#include "common/kernel_identity.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
@@ -49,8 +50,9 @@ Binding read_binding(const Channel& channel) {
 
 }  // namespace
 
-HandlerThread::HandlerThread(ServingContext& context, std::vector<std::uint32_t> channel_indices)
-    : context_(context) {
+HandlerThread::HandlerThread(ServingContext& context, std::vector<std::uint32_t> channel_indices,
+                             std::uint32_t doorbell)
+    : context_(context), doorbell_(doorbell <= kBackendDoorbells ? doorbell : 0) {
   channels_.reserve(channel_indices.size());
   for (std::uint32_t index : channel_indices)
     channels_.push_back(
@@ -61,6 +63,59 @@ HandlerThread::HandlerThread(ServingContext& context, std::vector<std::uint32_t>
 HandlerThread::~HandlerThread() {
   request_stop();
   join();
+}
+
+void HandlerThread::request_stop() {
+  stopping_.store(true, std::memory_order_release);
+  // A thread asleep on its doorbell sees the stop now, not at the timeout.
+  // Not once the backend slot is lost: the word is the next owner's (and
+  // a thread that lost the fence no longer sleeps on it).
+  if (std::uint32_t* word = doorbell_word(); word && context_.fence.holds()) ring_doorbell(*word);
+}
+
+std::uint32_t* HandlerThread::doorbell_word() const {
+  if (doorbell_ == 0 || context_.transport.mode().flush || context_.backend_index >= context_.transport.backend_count())
+    return nullptr;
+  return &context_.transport.backend(context_.backend_index).doorbell[doorbell_ - 1];
+}
+
+void HandlerThread::pause(DoorbellWaiter& waiter, const AdaptivePoller& poller, std::uint32_t pause_us, bool quiet) {
+  // The doorbell is only for a thread whose every served channel rings it
+  // (a queue side on another kernel cannot), with nothing of its own to
+  // look after on a timer: no store request in flight (their completions
+  // arrive in the io_uring, not through the doorbell), no completion
+  // waiting for room, no checksum re-check due.
+  bool doorbell = quiet && doorbell_works_ && waiter.usable() && !woken_for_nothing_ && context_.fence.holds();
+  woken_for_nothing_ = false;
+  for (auto& handler : channels_)
+    if (handler->serving() && (!handler->named_doorbell() || handler->rechecking())) doorbell = false;
+  if (!doorbell) {
+    sleep_for_us(pause_us);
+    return;
+  }
+  waiter.arm();
+  // Looked at once more after the waiter bit is visible: an entry published
+  // before a producer could see the bit is found here.
+  bool pending = stopping_.load(std::memory_order_acquire);
+  for (auto& handler : channels_) pending = pending || handler->has_submissions();
+  if (pending) {
+    // Straight back to work.  Should the next turn take nothing after all,
+    // its pause is a timed one (woken_for_nothing_): no spin.
+    waiter.cancel();
+    woken_for_nothing_ = true;
+    return;
+  }
+  const DoorbellWaiter::Wake wake = waiter.sleep(poller.ceiling_us());
+  if (wake == DoorbellWaiter::Wake::Failed) {
+    // The kernel refuses a futex in this mapping (or at all): poll from
+    // now on.  Our channels keep naming the doorbell until they attach
+    // again; a ring costs their queue side a fence and a load.
+    doorbell_works_ = false;
+    log(LogLevel::Info, "handler: the transport's memory takes no futex; polling instead of sleeping on a doorbell");
+    sleep_for_us(pause_us);
+    return;
+  }
+  woken_for_nothing_ = wake == DoorbellWaiter::Wake::Woken;
 }
 
 void HandlerThread::join() {
@@ -107,9 +162,17 @@ void HandlerThread::discover(std::chrono::steady_clock::time_point now) {
         if (context_.channel_condemned[index].load(std::memory_order_seq_cst) == binding.word) attach = false;
       }
       // The fence once more, right before the attach writes the channel.
-      if (attach && context_.fence.holds())
-        handler->attach(binding.generation, context_.backend_epoch);
-      else
+      if (attach && context_.fence.holds()) {
+        // Only a queue side on our kernel can wake us, and only one that
+        // says it rings, for this very set-up: an older one never would
+        // (it leaves the field as the last set-up wrote it), and every
+        // request would wait for the timeout.
+        const bool rings =
+            doorbell_word() != nullptr &&
+            same_kernel(context_.transport.host(binding.owner_host), context_.kernel_id) &&
+            load_relaxed(handler->channel().control().queue_rings) == rings_tag(binding.generation);
+        handler->attach(binding.generation, context_.backend_epoch, rings && doorbell_works_ ? doorbell_ : 0);
+      } else
         context_.channel_serving[index].store(false, std::memory_order_seq_cst);
     }
     handler->heartbeat(now, context_.heartbeat_interval);
@@ -123,6 +186,7 @@ void HandlerThread::run() {
   std::unique_ptr<StoreQueue> queue = context_.store.open_queue(context_.queue_depth);
   InFlightTable table(context_.queue_depth);
   AdaptivePoller poller(context_.poll);
+  DoorbellWaiter waiter(doorbell_word());
   std::vector<StoreCompletion> completions;
   completions.reserve(context_.queue_depth);
   auto next_discovery = std::chrono::steady_clock::now();
@@ -177,13 +241,14 @@ void HandlerThread::run() {
     }
     if (work > 0) {
       poller.active();
+      woken_for_nothing_ = false;
     } else if (!any_serving && table.size() == 0 && !draining) {
       // Nothing attached: look for new channels now and then, no faster.
       poller.quiesce();
       timespec pause{0, kUnattachedSleepNs};
       ::nanosleep(&pause, nullptr);
-    } else {
-      poller.idle();
+    } else if (const std::uint32_t pause_us = poller.next_pause_us()) {
+      pause(waiter, poller, pause_us, !draining && table.size() == 0 && !unposted);
     }
   }
 

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "common/kernel_identity.hpp"
 #include "common/poller.hpp"
 #include "common/transport.hpp"
 #include "plugin/backend_fence.hpp"
@@ -30,6 +31,9 @@ struct ServingContext {
   Store& store;
   ExportLimits limits;
   std::uint32_t backend_index = 0;
+  // Our kernel: a channel whose owner shares it can wake our handler
+  // threads through their doorbells (docs/design.md, Doorbells).
+  KernelId kernel_id = local_kernel_id();
   std::uint64_t backend_epoch = 0;
   unsigned queue_depth = 64;          // store requests in flight per handler thread
   PollTunables poll;

@@ -22,4 +22,11 @@ fio_verify "$PROXY_URI" "$region" "$jobs"
 jq -r '.jobs[] | "job \(.jobname)#\(.job_runtime)ms: read \(.read.io_bytes) B, write \(.write.io_bytes) B, error \(.error)"' \
     "$TEST_DIR/fio.json" >&2
 
+# Proxy and backend share this kernel: the channels that carried the I/O
+# were served through the handler's doorbell (docs/design.md, Polling and
+# doorbells), so the run above went through it.
+list_json >"$TEST_DIR/list.json"
+jq -e '[.channels[]? | select(.attached and .requests > 0)] | length > 0 and all(.doorbell)' \
+    "$TEST_DIR/list.json" >/dev/null ||
+    { jq .channels "$TEST_DIR/list.json" >&2; fail "the busy channels are not served through the doorbell"; }
 log "PASS"
