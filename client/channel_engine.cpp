@@ -1,6 +1,7 @@
 #include "client/channel_engine.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -9,6 +10,7 @@
 #include "common/flush_ranges.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
+#include "common/wake_socket.hpp"
 
 namespace cbd::proxy {
 namespace {
@@ -250,6 +252,7 @@ bool ChannelEngine::begin_setup(std::optional<Binding> binding) {
   if (binding) binding_ = *binding;
   attached_ = false;
   doorbell_ = nullptr;
+  sleeping_ = false;  // queue_setup() clears the flag
   if (!still_ours()) return false;
   // Every entry in the old ring is abandoned with it: back to Waiting, to be
   // pushed once into the new generation.
@@ -261,7 +264,13 @@ bool ChannelEngine::begin_setup(std::optional<Binding> binding) {
   staged_ = 0;
   submissions_.reset();
   completions_.reset();
-  generation_ = channel_.queue_setup(binding_.backend_id, binding_.blkdev_id, binding_.backend_epoch, generation_);
+  // The wake socket goes to the backend before the generation is out, so a
+  // handler that attaches finds it (or takes it a moment later).
+  const std::uint64_t next = channel_.next_generation(generation_);
+  if (wake_socket_ >= 0 && !channel_.mode().flush)
+    hand_over_wake_socket(wake_listener_name(transport_, binding_.backend_id, binding_.backend_epoch), index(), next,
+                          wake_socket_);
+  generation_ = channel_.queue_setup(binding_.backend_id, binding_.blkdev_id, binding_.backend_epoch, next - 1);
   setting_up_ = true;
   broken_ = false;
   last_progress_ = Clock::now();
@@ -276,6 +285,30 @@ std::uint32_t* ChannelEngine::find_doorbell() const {
   const std::uint32_t named = load_relaxed(channel_.control().handler_doorbell);
   if (named == 0 || named > kBackendDoorbells || binding_.backend_id >= transport_.backend_count()) return nullptr;
   return &transport_.backend(binding_.backend_id).doorbell[named - 1];
+}
+
+bool ChannelEngine::handler_wakes() const {
+  return attached_ && !lost_ && !channel_.mode().flush && wake_socket_ >= 0 &&
+         load_relaxed(channel_.control().handler_wakes_queue) == rings_tag(generation_);
+}
+
+bool ChannelEngine::begin_sleep() {
+  if (!handler_wakes() || !still_ours()) return false;
+  std::atomic_ref<std::uint32_t>(channel_.control().queue_sleeping).store(1u, std::memory_order_seq_cst);
+  sleeping_ = true;
+  // The other half of the handler's fence: flag visible, then the ring read.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (completions_.available() > 0) {
+    end_sleep();
+    return false;
+  }
+  return true;
+}
+
+void ChannelEngine::end_sleep() {
+  if (!sleeping_) return;
+  sleeping_ = false;
+  if (still_ours()) store_relaxed(channel_.control().queue_sleeping, 0u);
 }
 
 bool ChannelEngine::poll_attached() {
@@ -306,6 +339,7 @@ bool ChannelEngine::poll_attached() {
 
 void ChannelEngine::fail_outstanding(int error) {
   failing_ = error;
+  end_sleep();
   attached_ = false;
   for (std::uint32_t slot = 0; slot < entries_.size(); ++slot) {
     const State state = entries_[slot].state;

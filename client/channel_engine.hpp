@@ -72,6 +72,18 @@ class ChannelEngine {
   std::uint64_t generation() const { return generation_; }
   bool attached() const { return attached_; }
 
+  // The queue loop's wake-up (docs/design.md, Polling and doorbells).
+  // `socket`: the end of the loop's wake socket pair handed to the backend
+  // at every set-up (-1: none).
+  void set_wake_socket(int socket) { wake_socket_ = socket; }
+  // The attached handler wakes us after it publishes completions.
+  bool handler_wakes() const;
+  // Before a wait that a wake ends early: sets the sleeping flag, then
+  // looks at the completion ring once more.  False (and no flag) when
+  // completions already wait or nobody would wake us; end_sleep() after.
+  bool begin_sleep();
+  void end_sleep();
+
   int failing() const { return failing_; }
   // The channel was taken from us (we were judged dead): nothing more is
   // written to it.  The caller moves the outstanding entries to a new
@@ -184,6 +196,8 @@ class ChannelEngine {
   // The word the attached handler sleeps on (docs/design.md, Doorbells),
   // rung after each publish; null when it named none, or none we can reach.
   std::uint32_t* doorbell_ = nullptr;
+  int wake_socket_ = -1;
+  bool sleeping_ = false;  // our queue_sleeping flag is set
   std::uint64_t generation_ = 0;
   std::size_t in_flight_ = 0;     // Pushed
   std::size_t outstanding_ = 0;   // Reserved + Waiting + Pushed

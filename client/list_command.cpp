@@ -5,6 +5,7 @@
 
 #include "client/commands.hpp"
 #include "client/slot_survey.hpp"
+#include "common/channel.hpp"
 #include "common/flush_ranges.hpp"
 #include "common/printable.hpp"
 #include "common/region.hpp"
@@ -122,11 +123,14 @@ Described describe_slot(const Transport& t, const SurveyedSlot& s) {
       // (docs/design.md, Polling and doorbells): only when both share a
       // kernel.  What the attached handler announced; nothing otherwise.
       const bool doorbell = attached && load_relaxed(c.handler_doorbell) != 0;
+      const bool wakes_queue =
+          attached && load_relaxed(c.handler_wakes_queue) == rings_tag(load_relaxed(c.generation));
       json["doorbell"] = doorbell;
+      json["wakes_queue"] = wakes_queue;
       text += ", backend " + u64(json["backend"].get<std::uint64_t>()) + ", blkdev " +
               u64(json["blkdev"].get<std::uint64_t>()) + (attached ? ", attached" : ", not attached") + ", requests " +
               u64(requests) + ", bytes " + u64(bytes) + ", errors " + u64(errors) + ", in flight " + u64(in_flight) +
-              (doorbell ? ", doorbell" : "");
+              (doorbell ? ", doorbell" : "") + (wakes_queue ? ", wakes queue" : "");
       break;
     }
   }

@@ -14,6 +14,7 @@
 #include "common/log.hpp"
 #include "common/poller.hpp"
 #include "common/thread_signals.hpp"
+#include "common/wake_socket.hpp"
 
 namespace cbd::proxy {
 
@@ -29,7 +30,10 @@ constexpr std::chrono::milliseconds kBrokenGrace{100};
 // long to complete before they are abandoned (and failed with ESHUTDOWN).
 constexpr std::chrono::milliseconds kInFlightGrace{1000};
 
-// epoll tags: the eventfd, or a session's input or output side.
+// epoll tags: the eventfd (0), the wake socket (kPeerWakeData), or a
+// session's input or output side (a Served pointer, which is aligned, with
+// a tag in its low bits).
+constexpr std::uint64_t kPeerWakeData = 4;
 constexpr std::uintptr_t kTagMask = 3;
 constexpr std::uintptr_t kTagInput = 1;
 constexpr std::uintptr_t kTagOutput = 2;
@@ -81,6 +85,15 @@ QueueLoop::QueueLoop(std::unique_ptr<ChannelEngine> engine, ExportInfo info, Que
   event.events = EPOLLIN;
   event.data.ptr = nullptr;
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &event) != 0) throw_errno("epoll_ctl");
+  int pair[2];
+  if (::socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) != 0) throw_errno("socketpair");
+  peer_wake_near_.reset(pair[0]);
+  peer_wake_far_.reset(pair[1]);
+  epoll_event peer{};
+  peer.events = 0;  // watched only while a wait relies on it
+  peer.data.u64 = kPeerWakeData;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, peer_wake_near_.get(), &peer) != 0) throw_errno("epoll_ctl");
+  engine_->set_wake_socket(peer_wake_far_.get());
   outstanding_.store(engine_->outstanding());
   thread_ = std::thread([this] { run(); });
 }
@@ -189,6 +202,7 @@ void QueueLoop::run() {
   const auto spin = std::chrono::microseconds(options_.spin_us);
   Clock::time_point last_activity = Clock::now();
   std::uint32_t backoff_us = 0;
+  bool waited_on_wake = false;
   progress_at_ = last_activity;
   for (;;) {
     const Clock::time_point now = Clock::now();
@@ -199,9 +213,27 @@ void QueueLoop::run() {
       last_activity = now;
       backoff_us = 0;
     }
+    // The last wait was one a wake ends, and the turn after it found
+    // nothing: the next waits are timed ones with the wake socket out of the
+    // epoll set, so a handler that sends without completing anything gets
+    // the polling rate, not a busy loop.
+    const bool woke_for_nothing = waited_on_wake && !active;
+    waited_on_wake = false;
+    if (woke_for_nothing) watch_peer_wake(false);
     std::uint32_t timeout_us;
     if (Clock::now() - last_activity < spin) {
       timeout_us = 0;  // spinning: only look for socket events
+    } else if (!woke_for_nothing && engine_->in_flight() > 0 && !engine_->setting_up() && !stopping_ &&
+               engine_->begin_sleep()) {
+      // The handler sends to our wake socket when it publishes while we
+      // say we sleep (docs/design.md, Polling and doorbells): one wait
+      // instead of a series of short ones.  The timeout still bounds it,
+      // for the checks each turn makes.
+      watch_peer_wake(true);
+      wait_events(options_.max_sleep_us);
+      engine_->end_sleep();
+      waited_on_wake = true;
+      continue;
     } else if (engine_->in_flight() > 0 || engine_->setting_up() || stopping_) {
       // A completion is seen at the latest when the wait ends: the waits
       // grow from 2 us, doubling, up to max-sleep-us, so a slow backend
@@ -295,6 +327,7 @@ bool QueueLoop::run_commands(Clock::time_point now) {
         // The sessions hold a reference to engine_ itself: swap what it
         // points to, never the pointer they refer to.
         std::unique_ptr<ChannelEngine> old = std::exchange(engine_, std::move(command.fresh));
+        engine_->set_wake_socket(peer_wake_far_.get());
         engine_->set_quarantine(old->quarantine());
         engine_->adopt_outstanding(*old);
         old.reset();
@@ -379,12 +412,24 @@ void QueueLoop::wait_events(std::uint32_t timeout_us) {
       [[maybe_unused]] ssize_t r = ::read(wake_fd_.get(), &count, sizeof count);
       continue;
     }
+    if (data == kPeerWakeData) {
+      drain_wakes(peer_wake_near_.get());
+      continue;
+    }
     auto* served = reinterpret_cast<Served*>(static_cast<std::uintptr_t>(data) & ~kTagMask);
     const std::uint32_t what = events[i].events;
     const bool trouble = what & (EPOLLERR | EPOLLHUP | EPOLLRDHUP);
     if ((data & kTagInput) && (what & EPOLLIN || trouble)) served->readable = true;
     if ((data & kTagOutput) && (what & EPOLLOUT || trouble)) served->writable = true;
   }
+}
+
+void QueueLoop::watch_peer_wake(bool watch) {
+  if (watch == peer_wake_watched_) return;
+  epoll_event event{};
+  event.events = watch ? static_cast<std::uint32_t>(EPOLLIN) : 0u;
+  event.data.u64 = kPeerWakeData;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, peer_wake_near_.get(), &event) == 0) peer_wake_watched_ = watch;
 }
 
 void QueueLoop::check_stall(Clock::time_point now) {

@@ -114,6 +114,13 @@ class QueueLoop {
   std::chrono::milliseconds stall_timeout_;
   UniqueFd epoll_;
   UniqueFd wake_fd_;
+  // The wake socket pair (docs/design.md, Polling and doorbells): the
+  // handler sends to `peer_wake_far_`, handed over at each set-up; the near
+  // end is in our epoll set while `peer_wake_watched_`.
+  UniqueFd peer_wake_near_;
+  UniqueFd peer_wake_far_;
+  bool peer_wake_watched_ = false;
+  void watch_peer_wake(bool watch);
 
   // Posted by other threads (cold path).
   std::mutex commands_mutex_;

@@ -61,18 +61,29 @@ std::uint64_t Channel::queue_setup(std::uint32_t backend_id, std::uint32_t blkde
   store_relaxed(c.sq_head.value, 0u);
   store_relaxed(c.cq_head.value, 0u);
   store_relaxed(c.in_flight, std::uint64_t{0});
-  std::uint64_t generation = std::max(load_relaxed(c.generation), after) + 1;
-  if (generation == 0) generation = 1;
+  const std::uint64_t generation = next_generation(after);
   // Tied to this generation, so an older queue side that sets the channel
   // up later (and leaves the field alone) is never taken for one that rings.
   store_relaxed(c.queue_rings, rings_tag(generation));
   // The previous handler's announcement is not the next one's (an older
   // handler would never write it).
   store_relaxed(c.handler_doorbell, 0u);
+  store_relaxed(c.handler_wakes_queue, 0u);
+  store_relaxed(c.queue_sleeping, 0u);
   // Release: a handler that sees the generation sees the fields above.
   store_release(c.generation, generation);
   if (mode_.flush) write_back_lines(control_, sizeof *control_);
   return generation;
+}
+
+std::uint64_t Channel::next_generation(std::uint64_t after) const {
+  std::uint64_t generation = std::max(load_relaxed(control_->generation), after) + 1;
+  return generation == 0 ? 1 : generation;
+}
+
+void Channel::handler_wakes(std::uint64_t generation) const {
+  store_relaxed(control_->handler_wakes_queue, rings_tag(generation));
+  if (mode_.flush) write_back_lines(&control_->attached_generation, kLineSize);
 }
 
 void Channel::handler_attach(std::uint64_t generation, std::uint64_t backend_epoch, std::uint32_t doorbell) const {

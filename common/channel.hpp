@@ -59,9 +59,13 @@ class Channel {
   // Polling and doorbells) and clears what the last handler announced.
   std::uint64_t queue_setup(std::uint32_t backend_id, std::uint32_t blkdev_id, std::uint64_t backend_epoch,
                             std::uint64_t after = 0) const;
+  // The generation queue_setup(…, after) would publish now.
+  std::uint64_t next_generation(std::uint64_t after) const;
   // Handler side, step 2.  `doorbell`: 1 + the BackendSlot::doorbell word
   // the handler sleeps on, 0 for none (docs/design.md, Doorbells).
   void handler_attach(std::uint64_t generation, std::uint64_t backend_epoch, std::uint32_t doorbell = 0) const;
+  // Handler side: from now on it wakes the queue loop of `generation`.
+  void handler_wakes(std::uint64_t generation) const;
   // True once the handler serves `generation` (step 3).
   bool handler_attached(std::uint64_t generation) const;
 

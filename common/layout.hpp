@@ -266,7 +266,8 @@ struct ChannelControl {
   std::uint64_t backend_epoch;       // epoch of the backend slot this channel is bound to
   std::uint64_t generation;          // release-stored last; 0 = not set up
   std::uint32_t queue_rings;         // generation (low 32 bits, never 0) when the queue side rings handler_doorbell after each publish; older ones leave 0
-  std::uint8_t reserved1[36];
+  std::uint32_t queue_sleeping;      // 1 while the queue loop waits in epoll for a wake from the handler (docs/design.md, Polling and doorbells)
+  std::uint8_t reserved1[32];
   RingIndex sq_head;                 // writer: queue side (producer)
   RingIndex sq_tail;                 // writer: handler side (consumer)
   RingIndex cq_tail;                 // writer: handler side (producer)
@@ -278,7 +279,8 @@ struct ChannelControl {
   std::uint64_t handler_completed;   // entries completed (statistics)
   std::uint64_t handler_errors;      // entries completed with an error (statistics)
   std::uint32_t handler_doorbell;    // 1 + the index in BackendSlot::doorbell the handler sleeps on; 0 = none (poll)
-  std::uint8_t reserved6[20];
+  std::uint32_t handler_wakes_queue; // generation (low 32 bits, never 0) whose queue loop the handler wakes through its wake socket; 0 = none
+  std::uint8_t reserved6[16];
   // line 7 — writer: queue side (statistics)
   std::uint64_t requests;
   std::uint64_t bytes;
@@ -294,7 +296,9 @@ static_assert(offsetof(ChannelControl, cq_head) == 5 * kLineSize);
 static_assert(offsetof(ChannelControl, attached_generation) == 6 * kLineSize);
 static_assert(offsetof(ChannelControl, requests) == 7 * kLineSize);
 static_assert(offsetof(ChannelControl, queue_rings) == kLineSize + 24);
+static_assert(offsetof(ChannelControl, queue_sleeping) == kLineSize + 28);
 static_assert(offsetof(ChannelControl, handler_doorbell) == 6 * kLineSize + 40);
+static_assert(offsetof(ChannelControl, handler_wakes_queue) == 6 * kLineSize + 44);
 
 template <typename T>
 inline constexpr bool kOnMedia = std::is_standard_layout_v<T> && std::is_trivially_copyable_v<T>;

@@ -11,6 +11,7 @@
 #include "common/kernel_identity.hpp"
 #include "common/log.hpp"
 #include "common/shared_atomic.hpp"
+#include "common/wake_socket.hpp"
 
 namespace cbd::backend {
 namespace {
@@ -48,6 +49,7 @@ BackendService::BackendService(const Transport& transport, Store& store, Backend
       store_(store),
       config_(std::move(config)),
       context_(transport, store),
+      wake_sockets_(transport.channel_count()),
       liveness_(std::chrono::milliseconds(transport.superblock().dead_after_ms)),
       refused_generation_logged_(transport.channel_count(), 0) {
   const StoreInfo& info = store.info();
@@ -167,6 +169,17 @@ void BackendService::start() {
       backend_.index(), static_cast<unsigned long long>(backend_.epoch()), host_.index(), config_.hostname.c_str(),
       config_.export_name.c_str(), static_cast<unsigned long long>(context_.limits.size), context_.limits.block_max);
 
+  // Queue loops on our kernel hand their wake sockets over here (not in
+  // flush mode, which stands for memory between hosts).
+  if (!transport_.mode().flush) {
+    try {
+      wake_listener_ = std::make_unique<WakeListener>(wake_listener_name(transport_, backend_.index(), backend_.epoch()),
+                                                      wake_sockets_, transport_.channel_count());
+      context_.wake_sockets = &wake_sockets_;
+    } catch (const Error& e) {
+      log(LogLevel::Info, "queue loops will poll for completions (no wake socket listener: %s)", e.what());
+    }
+  }
   heartbeat_ = std::make_unique<PeriodicThread>(context_.heartbeat_interval, [this] { heartbeat_tick(); });
   // Channel i goes to handler i mod N: a queue side with N queues on
   // consecutive channels spreads evenly.
@@ -193,6 +206,8 @@ void BackendService::stop() {
   for (auto& handler : handlers_) handler->request_stop();
   for (auto& handler : handlers_) handler->join();
   handlers_.clear();
+  context_.wake_sockets = nullptr;
+  wake_listener_.reset();
   heartbeat_.reset();
   if (backend_.owned()) {
     BackendSlot& slot = transport_.backend(backend_.index());

@@ -85,6 +85,9 @@ class BackendService {
   SlotClaim host_;
   SlotClaim backend_;
   std::unique_ptr<PeriodicThread> heartbeat_;
+  // Before handlers_: they take from the table until they are joined.
+  WakeSocketTable wake_sockets_;
+  std::unique_ptr<WakeListener> wake_listener_;
   std::vector<std::unique_ptr<HandlerThread>> handlers_;
   // Used only by the heartbeat thread.
   LivenessObserver liveness_;

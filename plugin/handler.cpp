@@ -1,11 +1,13 @@
 #include "plugin/handler.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <limits>
 
 #include "common/cache_lines.hpp"
+#include "common/wake_socket.hpp"
 #include "common/shared_atomic.hpp"
 
 namespace cbd::backend {
@@ -211,6 +213,7 @@ bool ChannelHandler::still_ours() {
 void ChannelHandler::attach(std::uint64_t generation, std::uint64_t backend_epoch, std::uint32_t doorbell) {
   channel_.handler_attach(generation, backend_epoch, doorbell);
   doorbell_ = doorbell;
+  queue_wake_.reset();  // the last generation's
   submissions_.reset();
   completions_.reset();
   overflow_.clear();
@@ -226,9 +229,16 @@ void ChannelHandler::attach(std::uint64_t generation, std::uint64_t backend_epoc
     log(LogLevel::Debug, "channel %u: serving generation %llu", index(), static_cast<unsigned long long>(generation));
 }
 
+void ChannelHandler::set_queue_wake(UniqueFd socket) {
+  if (!serving_ || !socket || !still_ours()) return;
+  queue_wake_ = std::move(socket);
+  channel_.handler_wakes(generation_);
+}
+
 void ChannelHandler::detach() {
   if (!serving_) return;
   serving_ = false;
+  queue_wake_.reset();
   overflow_.clear();
   recheck_.reset();  // nobody waits for its completion any more
   staged_ = false;
@@ -503,6 +513,13 @@ bool ChannelHandler::publish() {
   completions_.publish();
   staged_ = false;
   ChannelControl& control = channel_.control();
+  if (queue_wake_) {
+    // Orders the publication before the look at the loop's flag; the loop
+    // sets the flag, fences, then looks at the ring (docs/design.md,
+    // Polling and doorbells): it sees the completions or we see it asleep.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (load_relaxed(control.queue_sleeping) != 0) send_wake(queue_wake_.get());
+  }
   if (completed_since_publish_) add_relaxed(control.handler_completed, completed_since_publish_);
   if (errors_since_publish_) add_relaxed(control.handler_errors, errors_since_publish_);
   if (channel_.mode().flush) write_back_lines(&control.attached_generation, kLineSize);  // the handler's line

@@ -17,6 +17,7 @@
 #include "common/channel.hpp"
 #include "common/layout.hpp"
 #include "common/log.hpp"
+#include "common/unique_fd.hpp"
 #include "plugin/backend_fence.hpp"
 #include "plugin/store.hpp"
 
@@ -106,6 +107,11 @@ class ChannelHandler {
   bool has_submissions() { return serving_ && !broken_ && submissions_.available() > 0; }
   // The queue side was told our doorbell at attach.
   bool named_doorbell() const { return doorbell_ != 0; }
+  // The queue loop's wake socket (docs/design.md, Polling and doorbells):
+  // wanted by a channel served on our kernel that has none yet.
+  bool wants_queue_wake() const { return serving_ && doorbell_ != 0 && !queue_wake_; }
+  // From now on, after each publish, wake the loop while it says it sleeps.
+  void set_queue_wake(UniqueFd socket);
 
   // Step 2 of the attach protocol, then serve `generation`.  `doorbell`:
   // the word the thread sleeps on, as handler_attach() takes it.
@@ -177,6 +183,7 @@ class ChannelHandler {
   ExportLimits limits_;
   RingConsumer<SubmissionEntry> submissions_;
   std::uint32_t doorbell_ = 0;  // as given to attach()
+  UniqueFd queue_wake_;         // the queue loop's wake socket, for this generation
   RingProducer<CompletionEntry> completions_;
   bool serving_ = false;
   bool broken_ = false;  // the submission ring's indices are impossible: wait for a new generation

@@ -175,6 +175,10 @@ void HandlerThread::discover(std::chrono::steady_clock::time_point now) {
       } else
         context_.channel_serving[index].store(false, std::memory_order_seq_cst);
     }
+    // The queue side hands its wake socket over just before it publishes
+    // the generation: it may arrive after we attached.
+    if (handler->wants_queue_wake() && context_.wake_sockets)
+      handler->set_queue_wake(context_.wake_sockets->take(index, handler->generation()));
     handler->heartbeat(now, context_.heartbeat_interval);
   }
 }

@@ -16,6 +16,7 @@
 #include "plugin/backend_fence.hpp"
 #include "plugin/handler.hpp"
 #include "plugin/store.hpp"
+#include "plugin/wake_listener.hpp"
 
 namespace cbd::backend {
 
@@ -52,6 +53,9 @@ struct ServingContext {
   // store and before every write to a channel; once it fails, nothing of
   // the transport is written again.
   BackendFence fence;
+  // Queue loops' wake sockets, handed over at set-up (docs/design.md,
+  // Polling and doorbells); null when the backend takes none.
+  WakeSocketTable* wake_sockets = nullptr;
 };
 
 }  // namespace cbd::backend

@@ -23,7 +23,7 @@ jq -e '[.channels[]? | select(.attached)] | length > 0' "$TEST_DIR/list.json" >/
     { jq . "$TEST_DIR/list.json" >&2; fail "no attached channel listed"; }
 # Flush mode stands for memory shared between hosts: no futex wake reaches
 # the peer, so the handler polls.
-jq -e '[.channels[]? | select(.attached)] | all(.doorbell | not)' "$TEST_DIR/list.json" >/dev/null ||
+jq -e '[.channels[]? | select(.attached)] | all((.doorbell or .wakes_queue) | not)' "$TEST_DIR/list.json" >/dev/null ||
     { jq .channels "$TEST_DIR/list.json" >&2; fail "a flush-mode channel claims a doorbell"; }
 jq -e '[.backends[]? | select(.alive and .size == '$((2 * region))')] | length == 1' "$TEST_DIR/list.json" >/dev/null ||
     { jq .backends "$TEST_DIR/list.json" >&2; fail "the backend is not listed alive with its size"; }
