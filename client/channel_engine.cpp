@@ -292,17 +292,17 @@ bool ChannelEngine::handler_wakes() const {
          load_relaxed(channel_.control().handler_wakes_queue) == rings_tag(generation_);
 }
 
-bool ChannelEngine::begin_sleep() {
-  if (!handler_wakes() || !still_ours()) return false;
+ChannelEngine::Sleep ChannelEngine::begin_sleep() {
+  if (!handler_wakes() || !still_ours()) return Sleep::CannotSleep;
   std::atomic_ref<std::uint32_t>(channel_.control().queue_sleeping).store(1u, std::memory_order_seq_cst);
   sleeping_ = true;
   // The other half of the handler's fence: flag visible, then the ring read.
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (completions_.available() > 0) {
     end_sleep();
-    return false;
+    return Sleep::WorkWaiting;
   }
-  return true;
+  return Sleep::Asleep;
 }
 
 void ChannelEngine::end_sleep() {

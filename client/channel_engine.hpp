@@ -79,9 +79,11 @@ class ChannelEngine {
   // The attached handler wakes us after it publishes completions.
   bool handler_wakes() const;
   // Before a wait that a wake ends early: sets the sleeping flag, then
-  // looks at the completion ring once more.  False (and no flag) when
-  // completions already wait or nobody would wake us; end_sleep() after.
-  bool begin_sleep();
+  // looks at the completion ring once more.  Asleep: wait, then
+  // end_sleep().  WorkWaiting: completions came meanwhile (no flag left).
+  // CannotSleep: nobody would wake us.
+  enum class Sleep { Asleep, WorkWaiting, CannotSleep };
+  Sleep begin_sleep();
   void end_sleep();
 
   int failing() const { return failing_; }

@@ -202,7 +202,7 @@ void QueueLoop::run() {
   const auto spin = std::chrono::microseconds(options_.spin_us);
   Clock::time_point last_activity = Clock::now();
   std::uint32_t backoff_us = 0;
-  bool waited_on_wake = false;
+  bool woken_by_peer = false;
   progress_at_ = last_activity;
   for (;;) {
     const Clock::time_point now = Clock::now();
@@ -213,26 +213,32 @@ void QueueLoop::run() {
       last_activity = now;
       backoff_us = 0;
     }
-    // The last wait was one a wake ends, and the turn after it found
-    // nothing: the next waits are timed ones with the wake socket out of the
-    // epoll set, so a handler that sends without completing anything gets
-    // the polling rate, not a busy loop.
-    const bool woke_for_nothing = waited_on_wake && !active;
-    waited_on_wake = false;
-    if (woke_for_nothing) watch_peer_wake(false);
+    // The last wait was ended by the wake socket and the turn after it
+    // found nothing: the next wait is a timed one, and the socket (one-shot)
+    // stays out of the epoll set until a sleep arms it again, so a handler
+    // that sends without completing anything gets the polling rate, not a
+    // busy loop.
+    const bool woke_for_nothing = woken_by_peer && !active;
+    woken_by_peer = false;
     std::uint32_t timeout_us;
+    const bool may_sleep = !woke_for_nothing && engine_->in_flight() > 0 && !engine_->setting_up() && !stopping_;
     if (Clock::now() - last_activity < spin) {
       timeout_us = 0;  // spinning: only look for socket events
-    } else if (!woke_for_nothing && engine_->in_flight() > 0 && !engine_->setting_up() && !stopping_ &&
-               engine_->begin_sleep()) {
+    } else if (const auto sleep = may_sleep ? engine_->begin_sleep() : ChannelEngine::Sleep::CannotSleep;
+               sleep != ChannelEngine::Sleep::CannotSleep) {
+      // Completions came while we looked: straight back to work (counted
+      // like a wake, so a turn that then finds nothing cannot repeat this).
+      if (sleep == ChannelEngine::Sleep::WorkWaiting) {
+        woken_by_peer = true;
+        continue;
+      }
       // The handler sends to our wake socket when it publishes while we
       // say we sleep (docs/design.md, Polling and doorbells): one wait
       // instead of a series of short ones.  The timeout still bounds it,
       // for the checks each turn makes.
-      watch_peer_wake(true);
-      wait_events(options_.max_sleep_us);
+      arm_peer_wake();
+      woken_by_peer = wait_events(options_.max_sleep_us);
       engine_->end_sleep();
-      waited_on_wake = true;
       continue;
     } else if (engine_->in_flight() > 0 || engine_->setting_up() || stopping_) {
       // A completion is seen at the latest when the wait ends: the waits
@@ -396,7 +402,8 @@ void QueueLoop::unwatch(Served& served) {
   served.watched_in = served.watched_out = false;
 }
 
-void QueueLoop::wait_events(std::uint32_t timeout_us) {
+bool QueueLoop::wait_events(std::uint32_t timeout_us) {
+  bool peer_woke = false;
   epoll_event events[kMaxEvents];
   const timespec timeout{static_cast<time_t>(timeout_us / 1000000), static_cast<long>(timeout_us % 1000000) * 1000};
   int n = ::epoll_pwait2(epoll_.get(), events, kMaxEvents, &timeout, nullptr);
@@ -413,6 +420,8 @@ void QueueLoop::wait_events(std::uint32_t timeout_us) {
       continue;
     }
     if (data == kPeerWakeData) {
+      peer_wake_armed_ = false;  // one-shot: disarmed by this event
+      peer_woke = true;
       drain_wakes(peer_wake_near_.get());
       continue;
     }
@@ -422,14 +431,15 @@ void QueueLoop::wait_events(std::uint32_t timeout_us) {
     if ((data & kTagInput) && (what & EPOLLIN || trouble)) served->readable = true;
     if ((data & kTagOutput) && (what & EPOLLOUT || trouble)) served->writable = true;
   }
+  return peer_woke;
 }
 
-void QueueLoop::watch_peer_wake(bool watch) {
-  if (watch == peer_wake_watched_) return;
+void QueueLoop::arm_peer_wake() {
+  if (peer_wake_armed_) return;
   epoll_event event{};
-  event.events = watch ? static_cast<std::uint32_t>(EPOLLIN) : 0u;
+  event.events = EPOLLIN | EPOLLONESHOT;
   event.data.u64 = kPeerWakeData;
-  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, peer_wake_near_.get(), &event) == 0) peer_wake_watched_ = watch;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, peer_wake_near_.get(), &event) == 0) peer_wake_armed_ = true;
 }
 
 void QueueLoop::check_stall(Clock::time_point now) {

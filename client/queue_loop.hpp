@@ -99,7 +99,8 @@ class QueueLoop {
   void start_session(AdoptedConnection connection);
   void watch(Served& served);
   void unwatch(Served& served);
-  void wait_events(std::uint32_t timeout_us);
+  // True when the wake socket fired.
+  bool wait_events(std::uint32_t timeout_us);
   void check_stall(Clock::time_point now);
   void begin_stop(Clock::time_point now);
   bool stop_done(Clock::time_point now);
@@ -119,8 +120,10 @@ class QueueLoop {
   // end is in our epoll set while `peer_wake_watched_`.
   UniqueFd peer_wake_near_;
   UniqueFd peer_wake_far_;
-  bool peer_wake_watched_ = false;
-  void watch_peer_wake(bool watch);
+  // Armed one-shot: it ends one wait at most, then stays out of the epoll
+  // set until a sleep arms it again, so a flood cannot end every wait.
+  bool peer_wake_armed_ = false;
+  void arm_peer_wake();
 
   // Posted by other threads (cold path).
   std::mutex commands_mutex_;

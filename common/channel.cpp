@@ -66,9 +66,13 @@ std::uint64_t Channel::queue_setup(std::uint32_t backend_id, std::uint32_t blkde
   // up later (and leaves the field alone) is never taken for one that rings.
   store_relaxed(c.queue_rings, rings_tag(generation));
   // The previous handler's announcement is not the next one's (an older
-  // handler would never write it).
-  store_relaxed(c.handler_doorbell, 0u);
-  store_relaxed(c.handler_wakes_queue, 0u);
+  // handler would never write it).  Not in flush mode, where writing the
+  // handler's line from here would write back our stale copy of all of it;
+  // no handler announces anything there.
+  if (!mode_.flush) {
+    store_relaxed(c.handler_doorbell, 0u);
+    store_relaxed(c.handler_wakes_queue, 0u);
+  }
   store_relaxed(c.queue_sleeping, 0u);
   // Release: a handler that sees the generation sees the fields above.
   store_release(c.generation, generation);

@@ -2,8 +2,8 @@
 
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 #include <cstddef>
 #include <cstdio>
@@ -69,6 +69,14 @@ UniqueFd listen_for_wake_sockets(const std::string& name) {
 }
 
 UniqueFd receive_wake_socket(int connection, WakeHandover& handover, int timeout_ms) {
+  // Only from our own user (or root): anyone in the network namespace can
+  // reach an abstract socket, and a file it passed along could make even
+  // our close() of it wait (a FUSE file's flush).
+  ucred peer{};
+  socklen_t peer_length = sizeof peer;
+  if (::getsockopt(connection, SOL_SOCKET, SO_PEERCRED, &peer, &peer_length) != 0 ||
+      (peer.uid != ::geteuid() && peer.uid != 0))
+    return {};
   pollfd ready{connection, POLLIN, 0};
   if (::poll(&ready, 1, timeout_ms) != 1) return {};
   iovec data{&handover, sizeof handover};
@@ -91,10 +99,14 @@ UniqueFd receive_wake_socket(int connection, WakeHandover& handover, int timeout
   if (n != static_cast<ssize_t>(sizeof handover) || (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) ||
       handover.magic != kWakeHandoverMagic || !received)
     return {};
-  // Only a socket: send_wake() is then a send() with MSG_DONTWAIT, which
-  // never blocks whatever flags the peer set on it.
-  struct stat status {};
-  if (::fstat(received.get(), &status) != 0 || !S_ISSOCK(status.st_mode)) return {};
+  // Only a unix datagram socket: send_wake() is then a send() with
+  // MSG_DONTWAIT, which never blocks whatever flags the peer set on it, and
+  // its last close() never waits (no lingering stream data).
+  int domain = 0, type = 0;
+  socklen_t length = sizeof domain;
+  if (::getsockopt(received.get(), SOL_SOCKET, SO_DOMAIN, &domain, &length) != 0 || domain != AF_UNIX) return {};
+  length = sizeof type;
+  if (::getsockopt(received.get(), SOL_SOCKET, SO_TYPE, &type, &length) != 0 || type != SOCK_DGRAM) return {};
   return received;
 }
 

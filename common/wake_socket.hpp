@@ -40,7 +40,8 @@ UniqueFd listen_for_wake_sockets(const std::string& name);
 
 // Backend side: takes one connection's hand-over, waiting at most
 // `timeout_ms` for its message.  On success fills `handover` and returns
-// the socket; an empty UniqueFd otherwise.
+// the socket; an empty UniqueFd otherwise: a peer of another user, a
+// malformed message, anything but a unix datagram socket.
 UniqueFd receive_wake_socket(int connection, WakeHandover& handover, int timeout_ms);
 
 // Handler side: one byte, MSG_DONTWAIT | MSG_NOSIGNAL (a full or closed

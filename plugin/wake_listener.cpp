@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <cerrno>
+#include <utility>
 
 #include "common/error.hpp"
 #include "common/thread_signals.hpp"
@@ -21,16 +22,21 @@ constexpr int kHandoverTimeoutMs = 20;
 // Connections taken per wake of the thread: with the timeout above, a
 // flood of silent ones keeps it from seeing the stop for 320 ms at most.
 constexpr int kAcceptBudget = 16;
+// Pause after an accept that failed for want of resources.
+constexpr int kErrorPauseMs = 50;
 
 }  // namespace
 
 void WakeSocketTable::deposit(std::uint32_t channel, std::uint64_t generation, UniqueFd socket) {
   if (channel >= entries_.size() || generation == 0) return;
+  UniqueFd replaced;  // closed after the lock is released
   std::lock_guard lock(mutex_);
   Entry& entry = entries_[channel];
-  if (entry.generation >= generation) return;
+  // The first for a set-up wins; any other set-up replaces it (a newer one
+  // is the usual case; an older or made-up one only until the next).
+  if (entry.generation == generation && entry.socket) return;
   entry.generation = generation;
-  entry.socket = std::move(socket);
+  replaced = std::exchange(entry.socket, std::move(socket));
 }
 
 UniqueFd WakeSocketTable::take(std::uint32_t channel, std::uint64_t generation) {
@@ -38,7 +44,7 @@ UniqueFd WakeSocketTable::take(std::uint32_t channel, std::uint64_t generation) 
   std::lock_guard lock(mutex_);
   Entry& entry = entries_[channel];
   if (entry.generation != generation) return {};
-  return std::move(entry.socket);
+  return std::exchange(entry.socket, UniqueFd{});
 }
 
 WakeListener::WakeListener(const std::string& name, WakeSocketTable& table, std::uint32_t channel_count)
@@ -67,7 +73,14 @@ void WakeListener::run() {
 void WakeListener::accept_all() {
   for (int i = 0; i < kAcceptBudget; ++i) {
     UniqueFd connection(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-    if (!connection) return;
+    if (!connection) {
+      if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) return;
+      // Out of fds or memory: the connection stays pending and poll()
+      // would report it again at once.  Pause (the stop still ends it).
+      pollfd stop{stop_.get(), POLLIN, 0};
+      ::poll(&stop, 1, kErrorPauseMs);
+      return;
+    }
     WakeHandover handover{};
     UniqueFd socket = receive_wake_socket(connection.get(), handover, kHandoverTimeoutMs);
     if (socket && handover.channel < channel_count_)

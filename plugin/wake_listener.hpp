@@ -19,7 +19,7 @@ class WakeSocketTable {
  public:
   explicit WakeSocketTable(std::uint32_t channels) : entries_(channels) {}
 
-  // Keeps `socket` for (channel, generation) unless one for that or a newer
+  // Keeps `socket` for (channel, generation) unless one for that
   // generation is already here: the first hand-over of a set-up wins (the
   // queue side hands it over before it publishes the generation).
   void deposit(std::uint32_t channel, std::uint64_t generation, UniqueFd socket);

@@ -1,8 +1,8 @@
 // The queue loop's wake socket (common/wake_socket.hpp, plugin/wake_listener.*;
 // docs/design.md, Polling and doorbells): a socket handed over reaches the
-// table for its channel and generation, only sockets are taken, the first
-// hand-over of a generation wins, a wake never blocks the handler, and a
-// hand-over with nobody listening fails at once.
+// table for its channel and generation, only unix datagram sockets are
+// taken, the first hand-over of a generation wins, a wake never blocks the
+// handler, and a hand-over with nobody listening fails at once.
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
@@ -75,7 +75,6 @@ TEST_CASE("wake socket: the table keeps one socket per channel, for the generati
   Pair first, second, stale;
   table.deposit(1, 5, UniqueFd(::dup(first.far.get())));
   table.deposit(1, 5, UniqueFd(::dup(second.far.get())));  // same set-up: the first wins
-  table.deposit(1, 4, UniqueFd(::dup(stale.far.get())));   // an older set-up: ignored
   table.deposit(9, 5, UniqueFd(::dup(second.far.get())));  // no such channel
   CHECK_FALSE(table.take(1, 4));
   CHECK_FALSE(table.take(1, 6));
@@ -86,6 +85,11 @@ TEST_CASE("wake socket: the table keeps one socket per channel, for the generati
   CHECK_FALSE(readable(second.near.get()));
   table.deposit(1, 6, UniqueFd(::dup(second.far.get())));  // the next set-up replaces it
   CHECK(table.take(1, 6));
+  // A made-up generation holds the place only until the real one comes.
+  table.deposit(1, 1000, UniqueFd(::dup(stale.far.get())));
+  table.deposit(1, 7, UniqueFd(::dup(second.far.get())));
+  CHECK_FALSE(table.take(1, 1000));
+  CHECK(table.take(1, 7));
 }
 
 TEST_CASE("wake socket: only a socket is taken, with a well-formed message for a channel that exists") {
@@ -96,11 +100,16 @@ TEST_CASE("wake socket: only a socket is taken, with a well-formed message for a
   REQUIRE(::pipe(pipe_fds) == 0);
   UniqueFd read_end(pipe_fds[0]), write_end(pipe_fds[1]);
   CHECK(hand_over_wake_socket(name, 0, 3, write_end.get()));  // a pipe: refused
+  int stream_fds[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, stream_fds) == 0);
+  UniqueFd stream_a(stream_fds[0]), stream_b(stream_fds[1]);
+  CHECK(hand_over_wake_socket(name, 0, 4, stream_a.get()));  // a stream socket (data could linger): refused
   Pair pair;
   CHECK(hand_over_wake_socket(name, 5, 3, pair.far.get()));  // channel 5 of 2: refused
   CHECK(hand_over_wake_socket(name, 1, 3, pair.far.get()));  // fine: proves the listener ran the two above first
   CHECK(await_socket(table, 1, 3));
   CHECK_FALSE(table.take(0, 3));
+  CHECK_FALSE(table.take(0, 4));
 }
 
 TEST_CASE("wake socket: a wake never blocks, even when the loop never reads") {
