@@ -23,6 +23,22 @@ socklen_t abstract_address(const std::string& name, sockaddr_un& address) {
   return static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + length);
 }
 
+// One WakeHandover with room for one fd, as sendmsg/recvmsg take it.
+struct HandoverMessage {
+  explicit HandoverMessage(WakeHandover& handover) : data{&handover, sizeof handover} {
+    message.msg_iov = &data;
+    message.msg_iovlen = 1;
+    message.msg_control = control;
+    message.msg_controllen = sizeof control;
+  }
+  HandoverMessage(const HandoverMessage&) = delete;
+  HandoverMessage& operator=(const HandoverMessage&) = delete;
+
+  iovec data;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr message{};
+};
+
 }  // namespace
 
 std::string wake_listener_name(const Transport& transport, std::uint32_t backend, std::uint64_t epoch) {
@@ -43,13 +59,8 @@ bool hand_over_wake_socket(const std::string& name, std::uint32_t channel, std::
   // A unix socket connects at once or fails (no listener, backlog full).
   if (::connect(connection.get(), reinterpret_cast<const sockaddr*>(&address), length) != 0) return false;
   WakeHandover handover{kWakeHandoverMagic, channel, generation};
-  iovec data{&handover, sizeof handover};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  msghdr message{};
-  message.msg_iov = &data;
-  message.msg_iovlen = 1;
-  message.msg_control = control;
-  message.msg_controllen = sizeof control;
+  HandoverMessage framed(handover);
+  msghdr& message = framed.message;
   cmsghdr* header = CMSG_FIRSTHDR(&message);
   header->cmsg_level = SOL_SOCKET;
   header->cmsg_type = SCM_RIGHTS;
@@ -79,13 +90,8 @@ UniqueFd receive_wake_socket(int connection, WakeHandover& handover, int timeout
     return {};
   pollfd ready{connection, POLLIN, 0};
   if (::poll(&ready, 1, timeout_ms) != 1) return {};
-  iovec data{&handover, sizeof handover};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  msghdr message{};
-  message.msg_iov = &data;
-  message.msg_iovlen = 1;
-  message.msg_control = control;
-  message.msg_controllen = sizeof control;
+  HandoverMessage framed(handover);
+  msghdr& message = framed.message;
   const ssize_t n = ::recvmsg(connection, &message, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
   // Any fd that came along is ours to close, whatever else is wrong.
   UniqueFd received;
