@@ -4,8 +4,10 @@
 #include <liburing.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -65,6 +67,9 @@ FileStore::FileStore(const FileStoreOptions& options) : path_(options.path) {
     info_.rotational = read_rotational(st);
   } else if (S_ISREG(st.st_mode)) {
     info_.size = static_cast<std::uint64_t>(st.st_size);
+    struct statfs fs{};
+    if (::fstatfs(fd_.get(), &fs) == 0)
+      memory_backed_ = fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC;
   } else {
     throw Error(where + ": not a regular file or block device — give file= a disk image or a /dev/sdX-like device");
   }
@@ -331,20 +336,26 @@ class UringQueue final : public StoreQueue {
 
   // A page-cache hit needs no asynchronous machinery: try the transfer in
   // place without blocking (RWF_NOWAIT).  io_uring makes the same attempt,
-  // but on file systems without non-blocking support (tmpfs among them) it
-  // hands every request to a worker thread: a context switch each.  Only
-  // buffered reads and plain writes qualify — O_DIRECT and FUA writes would
-  // wait for the device.  `done` receives the bytes moved by a partial
-  // transfer; io_uring carries on from there.  True when it is complete.
+  // but on file systems without non-blocking support it hands every request
+  // to a worker thread: a context switch each, and on two cores the largest
+  // cost of a 4 KiB write (docs/performance.md).  A file in memory (tmpfs,
+  // ramfs — which refuse RWF_NOWAIT) has no device to wait for, so there
+  // the transfer is done in place as a plain copy.  Only buffered reads and
+  // plain writes qualify — O_DIRECT and FUA writes would wait for the
+  // device.  `done` receives the bytes moved by a partial transfer;
+  // io_uring carries on from there.  True when it is complete.
   bool try_in_place(const StoreRequest& request, std::uint64_t& done) {
     const bool read = request.op == StoreOp::Read;
     const bool write = request.op == StoreOp::Write && !request.fua;
-    if (!(read ? nowait_reads_ : write && nowait_writes_)) return false;
+    if (!read && !write) return false;
+    const bool in_memory = store_.memory_backed();
+    if (!in_memory && !(read ? nowait_reads_ : nowait_writes_)) return false;
     if (!store_.buffered(request.buffer, request.length, request.offset)) return false;
     iovec iov{request.buffer, request.length};
     const int fd = store_.fd_for(request.buffer, request.length, request.offset);
     const auto offset = static_cast<off_t>(request.offset);
-    ssize_t moved = read ? ::preadv2(fd, &iov, 1, offset, RWF_NOWAIT) : ::pwritev2(fd, &iov, 1, offset, RWF_NOWAIT);
+    const int flags = in_memory ? 0 : RWF_NOWAIT;
+    ssize_t moved = read ? ::preadv2(fd, &iov, 1, offset, flags) : ::pwritev2(fd, &iov, 1, offset, flags);
     if (moved < 0) {
       // Not supported here at all: stop trying, io_uring does it all.
       if (errno == EOPNOTSUPP || errno == ENOTSUP || errno == EINVAL) (read ? nowait_reads_ : nowait_writes_) = false;

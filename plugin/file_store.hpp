@@ -37,6 +37,9 @@ class FileStore final : public Store {
   std::unique_ptr<StoreQueue> open_queue(unsigned depth) override;
 
   bool is_block_device() const { return block_device_; }
+  // True when the file lives in memory (tmpfs, ramfs): a buffered transfer
+  // there waits for no device, only for the copy.
+  bool memory_backed() const { return memory_backed_; }
   const std::string& path() const { return path_; }
   // The descriptor for a transfer: the O_DIRECT one when the buffer, offset
   // and length suit it, else the buffered one.
@@ -57,6 +60,7 @@ class FileStore final : public Store {
   UniqueFd fd_;         // buffered
   UniqueFd direct_fd_;  // O_DIRECT, when direct=true
   bool block_device_ = false;
+  bool memory_backed_ = false;
   StoreInfo info_;
   RateLimit error_limit_;  // shared by every handler thread's queue
 };
