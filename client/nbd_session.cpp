@@ -210,13 +210,19 @@ bool NbdSession::parse_one() {
       input_end_ -= input_start_;
       input_start_ = 0;
     }
-    std::size_t got = 0;
-    if (!recv_some(input_.data() + input_end_, input_.size() - input_end_, got)) {
-      if (input_done_ && input_end_ > input_start_) close("client closed in the middle of a request");
-      return false;
+    // Receive until a whole header is here or the socket is empty: the
+    // readiness is edge-triggered, so stopping after a part would miss an
+    // end of file that came with it (a client that sends half a header and
+    // closes would be held forever).
+    while (input_end_ - input_start_ < nbd::kRequestSize) {
+      std::size_t got = 0;
+      if (!recv_some(input_.data() + input_end_, input_.size() - input_end_, got)) {
+        if (input_done_ && input_end_ > input_start_) close("client closed in the middle of a request");
+        return false;
+      }
+      if (got == 0) return false;  // nothing more for now: the next edge brings it
+      input_end_ += got;
     }
-    input_end_ += got;
-    if (input_end_ - input_start_ < nbd::kRequestSize) return false;
   }
   const nbd::Request wire = nbd::decode_request(input_.data() + input_start_);
   input_start_ += nbd::kRequestSize;
