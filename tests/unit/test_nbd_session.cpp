@@ -877,6 +877,22 @@ TEST_CASE("session: a request with a bad magic ends the connection") {
   CHECK(h.handler.seen.empty());
 }
 
+TEST_CASE("session: a client that sends part of a header and closes is seen to close in one pass") {
+  // Readiness is edge-triggered: the event loop calls pump_input() once for
+  // the edge that brought both the 8 bytes and the end of file, and no
+  // further edge will come.  That one pass must see the end.
+  Harness h;
+  Client& c = h.connect(h.info(), false);
+  Bytes header(nbd::kRequestSize);
+  nbd::encode_request(header.data(), nbd::Request{nbd::kRequestMagic, 0, nbd::kCmdRead, 1, 0, 4096});
+  header.resize(8);
+  wire::send_bytes(c.pair.client, header);
+  REQUIRE(::shutdown(c.pair.client, SHUT_WR) == 0);
+  c.session->pump_input();
+  CHECK(c.session->closed());
+  CHECK(h.handler.seen.empty());
+}
+
 TEST_CASE("session: misaligned requests are EINVAL once the client agreed to the block size; the tail stays reachable") {
   Harness h((1 << 20) + 512);
   ExportInfo info = h.info();
