@@ -273,6 +273,12 @@ class UringQueue final : public StoreQueue {
 
   void enqueue(const StoreRequest& request) override {
     ++in_flight_;
+    if (abandoned_) {
+      // The slot is lost: nothing may reach the store any more, not even a
+      // request that would run in place (store.hpp, abandon_unstarted()).
+      finished_.push_back({request.user_data, ECANCELED});
+      return;
+    }
     if (request.op != StoreOp::Read && request.op != StoreOp::Write && request.op != StoreOp::Flush) {
       finished_.push_back({request.user_data, run_request(store_, request)});
       return;

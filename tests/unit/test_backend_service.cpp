@@ -6,7 +6,9 @@
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -1198,53 +1200,93 @@ TEST_CASE("file store queue: requests not yet started when the slot is lost neve
   CHECK(file.read(65536, 4096) == Bytes(4096, std::byte{0}));
 }
 
-TEST_CASE("file store queue: a file in memory is read and written in place; a short transfer still ends in an error") {
-  BackingFile on_disk("/var/tmp", 1 << 20);
-  CHECK_FALSE(file_store(on_disk)->memory_backed());
+// A 4 KiB request on `buffer` at `offset`.
+StoreRequest store_request(StoreOp op, std::uint64_t offset, std::vector<std::byte>& buffer, std::uint64_t user_data) {
+  StoreRequest request;
+  request.op = op;
+  request.offset = offset;
+  request.length = buffer.size();
+  request.buffer = buffer.data();
+  request.user_data = user_data;
+  return request;
+}
+
+bool on_memory_file_system(const std::string& dir) {
+  struct statfs fs {};
+  return ::statfs(dir.c_str(), &fs) == 0 && (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC);
+}
+
+TEST_CASE("file store queue: a file in memory is read and written in place; a short transfer carries on from there") {
+  if (!on_memory_file_system("/var/tmp")) {
+    BackingFile on_disk("/var/tmp", 1 << 20);
+    CHECK_FALSE(file_store(on_disk)->memory_backed());
+  }
 
   BackingFile file("/dev/shm", 1 << 20);
   auto store = file_store(file);
   REQUIRE(store->memory_backed());
   auto queue = store->open_queue(8);
   std::vector<std::byte> data(4096, std::byte{0x5a});
-  StoreRequest write;
-  write.op = StoreOp::Write;
-  write.offset = 8192;
-  write.length = data.size();
-  write.buffer = data.data();
-  write.user_data = 7;
-  queue->enqueue(write);
-  // Done in place: finished before anything is submitted to io_uring.
+  queue->enqueue(store_request(StoreOp::Write, 8192, data, 7));
+  std::vector<std::byte> back(4096);
+  queue->enqueue(store_request(StoreOp::Read, 8192, back, 8));
+  // Done in place, inside enqueue(): a request that had gone to io_uring
+  // would be cancelled here instead.
+  queue->abandon_unstarted();
   std::vector<StoreCompletion> done;
   queue->reap(done, false);
-  REQUIRE(done.size() == 1);
+  REQUIRE(done.size() == 2);
   CHECK(done[0].user_data == 7);
   CHECK(done[0].error == 0);
+  CHECK(done[1].user_data == 8);
+  CHECK(done[1].error == 0);
   CHECK(file.read(8192, 4096) == Bytes(data.begin(), data.end()));
-
-  std::vector<std::byte> back(4096);
-  StoreRequest read;
-  read.op = StoreOp::Read;
-  read.offset = 8192;
-  read.length = back.size();
-  read.buffer = back.data();
-  read.user_data = 8;
-  queue->enqueue(read);
-  done.clear();
-  queue->reap(done, false);
-  REQUIRE(done.size() == 1);
-  CHECK(done[0].error == 0);
   CHECK(back == data);
 
-  // The file shrank under the read: the copy in place comes up short and
-  // the rest goes the asynchronous way, which reports it.
+  // The file shrank under a read: the copy in place moves the first 1 KiB
+  // and io_uring carries on from there.  The head is rewritten and the tail
+  // grown back between the two, so the result shows where each part was
+  // read: the old head, then the new tail.
+  queue = store->open_queue(8);
   REQUIRE(::truncate(file.path().c_str(), 8192 + 1024) == 0);
-  read.user_data = 9;
-  queue->enqueue(read);
+  std::fill(back.begin(), back.end(), std::byte{0});
+  queue->enqueue(store_request(StoreOp::Read, 8192, back, 9));
+  file.write(8192, Bytes(1024, std::byte{0x11}));
+  file.write(8192 + 1024, Bytes(3072, std::byte{0x22}));
   queue->submit();
   done.clear();
   for (int i = 0; i < 100 && done.empty(); ++i) queue->reap(done, true);
   REQUIRE(done.size() == 1);
   CHECK(done[0].user_data == 9);
+  CHECK(done[0].error == 0);
+  Bytes expected(1024, std::byte{0x5a});
+  expected.insert(expected.end(), 3072, std::byte{0x22});
+  CHECK(Bytes(back.begin(), back.end()) == expected);
+
+  // When the rest is not there either, the asynchronous part reports it.
+  REQUIRE(::truncate(file.path().c_str(), 8192 + 1024) == 0);
+  queue->enqueue(store_request(StoreOp::Read, 8192, back, 10));
+  queue->submit();
+  done.clear();
+  for (int i = 0; i < 100 && done.empty(); ++i) queue->reap(done, true);
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].user_data == 10);
   CHECK(done[0].error == EIO);
+}
+
+TEST_CASE("file store queue: after the slot is lost, a request that could run in place never reaches the file") {
+  BackingFile file("/dev/shm", 1 << 20);
+  auto store = file_store(file);
+  REQUIRE(store->memory_backed());
+  auto queue = store->open_queue(8);
+  queue->abandon_unstarted();
+  std::vector<std::byte> data(4096, std::byte{0x66});
+  queue->enqueue(store_request(StoreOp::Write, 0, data, 3));
+  std::vector<StoreCompletion> done;
+  queue->reap(done, false);
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].user_data == 3);
+  CHECK(done[0].error == ECANCELED);
+  CHECK(queue->in_flight() == 0);
+  CHECK(file.read(0, 4096) == Bytes(4096, std::byte{0}));
 }
