@@ -322,6 +322,7 @@ class UringQueue final : public StoreQueue {
   }
 
   void reap(std::vector<StoreCompletion>& out, bool wait) override {
+    in_place_bytes_ = 0;
     submit();
     io_uring_cqe* cqe = nullptr;
     while (io_uring_peek_cqe(&ring_, &cqe) == 0 && cqe) {
@@ -356,6 +357,14 @@ class UringQueue final : public StoreQueue {
     if (!read && !write) return false;
     const bool in_memory = store_.memory_backed();
     if (!in_memory && !(read ? nowait_reads_ : nowait_writes_)) return false;
+    if (in_memory) {
+      // A copy in memory can still block this thread (swap-in, reclaim when
+      // a write fills a hole) while its other channels wait: only small
+      // requests, and only so many bytes between two reaps; the rest goes
+      // to io_uring's workers.
+      if (request.length > kInPlaceMaxRequest || in_place_bytes_ + request.length > kInPlaceBytesPerReap) return false;
+      in_place_bytes_ += request.length;
+    }
     if (!store_.buffered(request.buffer, request.length, request.offset)) return false;
     iovec iov{request.buffer, request.length};
     const int fd = store_.fd_for(request.buffer, request.length, request.offset);
@@ -482,6 +491,7 @@ class UringQueue final : public StoreQueue {
   bool abandoned_ = false;          // abandon_unstarted(): never submit again
   bool nowait_reads_ = true;   // preadv2(RWF_NOWAIT) works on this file
   bool nowait_writes_ = true;  // pwritev2(RWF_NOWAIT) works on this file
+  std::uint64_t in_place_bytes_ = 0;  // copied in memory since the last reap()
   RateLimit limit_;
 };
 

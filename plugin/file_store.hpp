@@ -21,6 +21,13 @@ struct FileStoreOptions {
   bool direct = false;  // O_DIRECT for aligned I/O (unaligned requests fall back to the page cache)
 };
 
+// On a file in memory, a queue copies small requests in place instead of
+// handing them to io_uring's workers (docs/design.md §4), up to these bounds:
+// a request larger than kInPlaceMaxRequest, or one that would take the bytes
+// copied since the last reap() past kInPlaceBytesPerReap, goes to io_uring.
+inline constexpr std::uint64_t kInPlaceMaxRequest = 256 * 1024;
+inline constexpr std::uint64_t kInPlaceBytesPerReap = 1024 * 1024;
+
 class FileStore final : public Store {
  public:
   // Throws cbd::Error naming the path and the problem.

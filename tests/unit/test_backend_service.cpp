@@ -1200,7 +1200,7 @@ TEST_CASE("file store queue: requests not yet started when the slot is lost neve
   CHECK(file.read(65536, 4096) == Bytes(4096, std::byte{0}));
 }
 
-// A 4 KiB request on `buffer` at `offset`.
+// A request for all of `buffer` at `offset`.
 StoreRequest store_request(StoreOp op, std::uint64_t offset, std::vector<std::byte>& buffer, std::uint64_t user_data) {
   StoreRequest request;
   request.op = op;
@@ -1289,4 +1289,54 @@ TEST_CASE("file store queue: after the slot is lost, a request that could run in
   CHECK(done[0].error == ECANCELED);
   CHECK(queue->in_flight() == 0);
   CHECK(file.read(0, 4096) == Bytes(4096, std::byte{0}));
+}
+
+TEST_CASE("file store queue: in memory, a large request and the bytes past the per-reap bound go to io_uring") {
+  constexpr std::uint64_t kPiece = kInPlaceMaxRequest;
+  constexpr std::uint64_t kFits = kInPlaceBytesPerReap / kPiece;  // pieces copied in place between two reaps
+  BackingFile file("/dev/shm", 8 << 20);
+  auto store = file_store(file);
+  REQUIRE(store->memory_backed());
+
+  // A request in io_uring is still unstarted before submit(), so
+  // abandon_unstarted() cancels it: what is not cancelled ran in place.
+  auto queue = store->open_queue(16);
+  std::vector<std::vector<std::byte>> pieces;
+  for (std::uint64_t i = 0; i <= kFits; ++i) pieces.emplace_back(kPiece, std::byte{static_cast<unsigned char>(0x40 + i)});
+  std::vector<std::byte> large(kPiece + 4096, std::byte{0x33});
+  queue->enqueue(store_request(StoreOp::Write, 0, large, 100));
+  for (std::uint64_t i = 0; i <= kFits; ++i) queue->enqueue(store_request(StoreOp::Write, (i + 1) * 2 * kPiece, pieces[i], i));
+  queue->abandon_unstarted();
+  std::vector<StoreCompletion> done;
+  queue->reap(done, false);
+  REQUIRE(done.size() == kFits + 2);
+  std::map<std::uint64_t, int> error_of;
+  for (const StoreCompletion& c : done) error_of[c.user_data] = c.error;
+  CHECK(error_of[100] == ECANCELED);
+  CHECK(file.read(0, large.size()) == Bytes(large.size(), std::byte{0}));
+  for (std::uint64_t i = 0; i < kFits; ++i) {
+    CHECK(error_of[i] == 0);
+    CHECK(file.read((i + 1) * 2 * kPiece, kPiece) == Bytes(pieces[i].begin(), pieces[i].end()));
+  }
+  CHECK(error_of[kFits] == ECANCELED);
+  CHECK(file.read((kFits + 1) * 2 * kPiece, kPiece) == Bytes(kPiece, std::byte{0}));
+
+  // The bound is per reap: after one, a piece is copied in place again, and
+  // what went to io_uring still completes.
+  queue = store->open_queue(16);
+  queue->enqueue(store_request(StoreOp::Write, 0, large, 100));
+  for (std::uint64_t i = 0; i <= kFits; ++i) queue->enqueue(store_request(StoreOp::Write, (i + 1) * 2 * kPiece, pieces[i], i));
+  done.clear();
+  queue->reap(done, false);
+  queue->enqueue(store_request(StoreOp::Write, 2 * kPiece, pieces[kFits], 200));
+  queue->abandon_unstarted();
+  for (int i = 0; i < 1000 && done.size() < kFits + 3; ++i) queue->reap(done, true);
+  REQUIRE(done.size() == kFits + 3);
+  error_of.clear();
+  for (const StoreCompletion& c : done) error_of[c.user_data] = c.error;
+  CHECK(error_of[100] == 0);
+  CHECK(error_of[kFits] == 0);
+  CHECK(error_of[200] == 0);
+  CHECK(file.read(0, large.size()) == Bytes(large.begin(), large.end()));
+  CHECK(file.read(2 * kPiece, kPiece) == Bytes(pieces[kFits].begin(), pieces[kFits].end()));
 }
