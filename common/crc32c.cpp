@@ -67,12 +67,12 @@ constexpr ZeroShift make_zero_shift(std::size_t bytes) {
   return shift;
 }
 
+#if defined(__x86_64__)
 // Each lane of a block covers this many bytes (a multiple of 8).
 constexpr std::size_t kLaneBytes = 512;
 constexpr ZeroShift kShiftOneLane = make_zero_shift(kLaneBytes);
 constexpr ZeroShift kShiftTwoLanes = make_zero_shift(2 * kLaneBytes);
 
-#if defined(__x86_64__)
 // One crc32 instruction takes three cycles but a new one can start every
 // cycle: three independent lanes keep it busy, where one would wait.  On a
 // 1 MiB WRITE payload the single lane was a third of cbd-proxy's CPU.
