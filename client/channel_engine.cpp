@@ -17,6 +17,11 @@ namespace {
 
 constexpr std::uint32_t kTagSlotBits = 20;
 constexpr std::uint64_t kSerialMask = (std::uint64_t{1} << (64 - kTagSlotBits)) - 1;
+// A turn that reads many requests publishes them this many at a time, so the
+// handler starts on the first while the rest are still being received: with
+// one publish per turn, queue loop and handler took turns idling at depth
+// (docs/performance.md).
+constexpr std::size_t kPublishEvery = 8;
 
 RateLimit bad_completion_log;
 // A backend that restarts or flaps decides how often channels are set up
@@ -124,7 +129,7 @@ void ChannelEngine::submit(std::uint32_t slot) {
   if (entry.submission.op == static_cast<std::uint16_t>(Op::Write) && entry.has_extent)
     entry.submission.data_crc = channel_.publish_data(extent(slot), entry.submission.length);
   entry.state = State::Waiting;
-  if (attached_ && !setting_up_) stage(slot);
+  if (attached_ && !setting_up_ && stage(slot) && staged_ >= kPublishEvery) publish();
 }
 
 bool ChannelEngine::stage(std::uint32_t slot) {

@@ -17,8 +17,11 @@ namespace cbd::backend {
 namespace {
 
 // Entries taken from one channel per loop before the next channel gets a
-// turn, so one busy channel cannot starve the others.
-constexpr unsigned kTakeBudget = 32;
+// turn, so one busy channel cannot starve the others.  Small, so that the
+// completions of a few entries are published while the queue loop still
+// has work: with 32 per turn, at depth 32 the two sides took turns idling
+// (docs/performance.md).
+constexpr unsigned kTakeBudget = 4;
 // How often a handler looks for channels that attached, detached or changed
 // generation.  Also bounds how long a queue side waits for attachment.
 constexpr auto kDiscoveryInterval = std::chrono::milliseconds(1);
