@@ -24,6 +24,10 @@ std::uint32_t crc32c_portable(std::uint32_t crc, const unsigned char* p, std::si
   return crc;
 }
 
+#if defined(__x86_64__)
+// Only the three-lane x86-64 code below joins lanes: elsewhere the shift
+// helpers would be unused.
+
 // Shifting a CRC register over n zero bytes is multiplying it by
 // x^(8n) modulo the polynomial, a linear map of its 32 bits: so it is the
 // XOR of four table lookups, one per byte of the register.  That is what
@@ -67,7 +71,6 @@ constexpr ZeroShift make_zero_shift(std::size_t bytes) {
   return shift;
 }
 
-#if defined(__x86_64__)
 // Each lane of a block covers this many bytes (a multiple of 8).
 constexpr std::size_t kLaneBytes = 512;
 constexpr ZeroShift kShiftOneLane = make_zero_shift(kLaneBytes);

@@ -363,9 +363,9 @@ class UringQueue final : public StoreQueue {
       // requests, and only so many bytes between two reaps; the rest goes
       // to io_uring's workers.
       if (request.length > kInPlaceMaxRequest || in_place_bytes_ + request.length > kInPlaceBytesPerReap) return false;
-      in_place_bytes_ += request.length;
     }
     if (!store_.buffered(request.buffer, request.length, request.offset)) return false;
+    if (in_memory) in_place_bytes_ += request.length;
     iovec iov{request.buffer, request.length};
     const int fd = store_.fd_for(request.buffer, request.length, request.offset);
     const auto offset = static_cast<off_t>(request.offset);

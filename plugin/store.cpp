@@ -40,7 +40,8 @@ int report_store_error(RateLimit& limit, const std::string& where, const char* w
 }
 
 void InlineStoreQueue::enqueue(const StoreRequest& request) {
-  finished_.push_back({request.user_data, run_request(store_, request)});
+  // Every request runs here, in enqueue(): after the slot was lost none may.
+  finished_.push_back({request.user_data, abandoned_ ? ECANCELED : run_request(store_, request)});
 }
 
 void InlineStoreQueue::reap(std::vector<StoreCompletion>& out, bool /*wait: nothing is ever pending*/) {

@@ -137,11 +137,13 @@ class InlineStoreQueue final : public StoreQueue {
   void submit() override {}
   void reap(std::vector<StoreCompletion>& out, bool wait) override;
   unsigned in_flight() const override { return static_cast<unsigned>(finished_.size()); }
+  void abandon_unstarted() override { abandoned_ = true; }
 
  private:
   Store& store_;
   unsigned depth_;
   std::vector<StoreCompletion> finished_;
+  bool abandoned_ = false;  // abandon_unstarted(): nothing runs any more
 };
 
 }  // namespace cbd::backend

@@ -1340,3 +1340,25 @@ TEST_CASE("file store queue: in memory, a large request and the bytes past the p
   CHECK(file.read(0, large.size()) == Bytes(large.begin(), large.end()));
   CHECK(file.read(2 * kPiece, kPiece) == Bytes(pieces[kFits].begin(), pieces[kFits].end()));
 }
+
+TEST_CASE("inline store queue: after the slot is lost, nothing reaches the store") {
+  MemoryStore store(1 << 20);
+  auto queue = store.open_queue(4);
+  std::vector<std::byte> data(4096, std::byte{0x5c});
+  queue->enqueue(store_request(StoreOp::Write, 0, data, 1));  // runs: the slot is still ours
+  queue->abandon_unstarted();
+  std::vector<std::byte> other(4096, std::byte{0x3d});
+  queue->enqueue(store_request(StoreOp::Write, 4096, other, 2));
+  std::vector<StoreCompletion> done;
+  queue->reap(done, false);
+  REQUIRE(done.size() == 2);
+  CHECK(done[0].user_data == 1);
+  CHECK(done[0].error == 0);
+  CHECK(done[1].user_data == 2);
+  CHECK(done[1].error == ECANCELED);
+  CHECK(queue->in_flight() == 0);
+  std::vector<std::byte> back(8192);
+  REQUIRE(store.pread(back.data(), back.size(), 0) == 0);
+  CHECK(std::vector<std::byte>(back.begin(), back.begin() + 4096) == data);
+  CHECK(std::vector<std::byte>(back.begin() + 4096, back.end()) == std::vector<std::byte>(4096, std::byte{0}));
+}
