@@ -26,6 +26,9 @@ rw=randwrite
 bsrange=4k-256k
 iodepth=16
 size=$region
+# Write and verify 6 times over, so that both kills land while fio runs at
+# full depth: one pass on tmpfs can be over before the first poll.
+loops=6
 offset_increment=$region
 numjobs=$jobs
 verify=crc32c

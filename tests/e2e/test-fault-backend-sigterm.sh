@@ -25,6 +25,9 @@ rw=randwrite
 bsrange=4k-128k
 iodepth=16
 size=$region
+# Write and verify 8 times over, so that the stop lands while fio runs at
+# full depth: one pass on tmpfs can be over before the first poll.
+loops=8
 offset_increment=$region
 numjobs=2
 verify=crc32c
@@ -38,14 +41,16 @@ run_client fio --output-format=json --output="$TEST_DIR/fio.json" "$TEST_DIR/ver
 fio_pid=$!
 
 await_requests 200 "$fio_pid" fio
+kill -0 "$fio_pid" 2>/dev/null || fail "fio ended before the backend was stopped"
 
 stopped=$BACKEND_PID
+in_flight=$(in_flight_total)
 stop_process "$stopped" || fail "nbdkit did not stop cleanly on SIGTERM"
 keep=()
 for pid in "${_cbd_pids[@]}"; do [[ $pid == "$stopped" ]] || keep+=("$pid"); done
 _cbd_pids=("${keep[@]}")
 before=$(channel_requests)
-log "backend stopped with SIGTERM after $before requests; restarting it"
+log "backend stopped with SIGTERM after $before requests ($in_flight in flight when stopped); restarting it"
 sleep 0.5
 start_backend file="$backing" backend-id=0
 
