@@ -1,6 +1,5 @@
 #include "client/queue_loop.hpp"
 
-#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -14,6 +13,7 @@
 #include "common/error.hpp"
 #include "common/log.hpp"
 #include "common/poller.hpp"
+#include "common/spin_yield.hpp"
 #include "common/thread_signals.hpp"
 #include "common/wake_socket.hpp"
 
@@ -204,6 +204,7 @@ void QueueLoop::run() {
   Clock::time_point last_activity = Clock::now();
   std::uint32_t backoff_us = 0;
   bool woken_by_peer = false;
+  SpinYield spin_yield;
   progress_at_ = last_activity;
   for (;;) {
     const Clock::time_point now = Clock::now();
@@ -223,14 +224,16 @@ void QueueLoop::run() {
     woken_by_peer = false;
     std::uint32_t timeout_us;
     const bool may_sleep = !woke_for_nothing && engine_->in_flight() > 0 && !engine_->setting_up() && !stopping_;
-    if (Clock::now() - last_activity < spin) {
+    if (const Clock::time_point at = Clock::now(); at - last_activity < spin && spin_yield.spin_allowed(at)) {
       // Spinning: only look for socket events, and give the CPU to any
       // thread waiting for it.  With more busy threads than cores (the
       // client, the backend's handlers) a pure spin holds the CPU the work
       // we wait for needs: at QD32 on two cores it halved the IOPS
-      // (docs/performance.md).  With none waiting this returns at once.
+      // (docs/performance.md).  With none waiting this returns at once; a
+      // yield that cost a slice (a CPU hog ran) turns spins off for a
+      // while, so the loop sleeps and the handler's wake preempts the hog.
       timeout_us = 0;
-      ::sched_yield();
+      spin_yield.yield();
     } else if (const auto sleep = may_sleep ? engine_->begin_sleep() : ChannelEngine::Sleep::CannotSleep;
                sleep != ChannelEngine::Sleep::CannotSleep) {
       // Completions came while we looked: straight back to work (counted

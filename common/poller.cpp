@@ -1,6 +1,5 @@
 #include "common/poller.hpp"
 
-#include <sched.h>
 #include <sys/prctl.h>
 #include <time.h>
 
@@ -49,16 +48,16 @@ std::uint32_t AdaptivePoller::ceiling_us() const {
 }
 
 std::uint32_t AdaptivePoller::next_pause_us() {
-  const auto since = std::chrono::steady_clock::now() - last_active_;
+  const auto now = std::chrono::steady_clock::now();
+  const auto since = now - last_active_;
   if (spinning_) {
-    if (since < std::chrono::microseconds(tunables_.spin_us)) {
+    if (since < std::chrono::microseconds(tunables_.spin_us) && yield_.spin_allowed(now)) {
       for (int i = 0; i < 8; ++i) cpu_relax();
       // Give the CPU to any thread waiting for it (with more busy threads
       // than cores — the client, the proxy's readers — a pure spin steals
       // the time the work we wait for needs); with none, this returns at
-      // once and the spin goes on.
-      ::sched_yield();
-      return 0;
+      // once and the spin goes on.  One that cost a slice ends it.
+      if (yield_.yield()) return 0;
     }
     spinning_ = false;
   }

@@ -6,6 +6,8 @@
 #include <chrono>
 #include <cstdint>
 
+#include "common/spin_yield.hpp"
+
 namespace cbd {
 
 struct PollTunables {
@@ -39,6 +41,7 @@ class AdaptivePoller {
   std::chrono::steady_clock::time_point last_active_;
   std::uint32_t sleep_us_ = 0;
   bool spinning_ = true;
+  SpinYield yield_;
 };
 
 // Sets this thread's timer slack to 1 µs so short sleeps are short (the

@@ -40,6 +40,9 @@
 #   CBD_BENCH_JOBS    only the jobs whose names match this regex (a partial run:
 #                     missing jobs show as "-" in the ratios and targets)
 #   CBD_BENCH_TABLES  which tables to run (default "unpinned two-host")
+#   CBD_BENCH_HOG_CPUS  CPUs (e.g. "0") that each get a busy loop (a process
+#                     that never blocks) for the whole run, every path alike:
+#                     what a noisy neighbour does to the daemons' spins
 #
 # Needs root (network namespaces), fio with the nbd engine, nbdkit, jq, and
 # gnuplot for the chart. The namespaces, veth pair, servers and files it
@@ -261,6 +264,13 @@ TCP_PID=$(<"$WORK/nbdkit-tcp.pid")
 TCP_URI="nbd://$SRV_ADDR:$TCP_PORT/"
 wait_for 30 "nbdkit over the veth pair" ip netns exec "$NS_CLI" nbdinfo --can connect "$TCP_URI"
 
+read -r -a HOG_CPUS <<<"${CBD_BENCH_HOG_CPUS:-}"
+for cpu in "${HOG_CPUS[@]}"; do
+    say "a busy loop on CPU $cpu for the whole run (CBD_BENCH_HOG_CPUS)"
+    taskset -c "$cpu" bash -c 'while :; do :; done' &
+    PIDS+=("$!")
+done
+
 # ---------------------------------------------------------------------------
 # fio jobs
 # ---------------------------------------------------------------------------
@@ -447,8 +457,9 @@ MACHINE_JSON=$(jq -n --arg cpu "${cpu_model:-unknown}" --arg kernel "$(uname -r)
 CONFIG_JSON=$(jq -n --argjson runtime "$RUNTIME" --argjson ramp "$RAMP" --arg size "$IMAGE_SIZE" \
     --argjson quick "$QUICK" --argjson rounds "$ROUNDS" --arg proxy "${CBD_PROXY_ARGS:-}" --arg plugin "${CBD_PLUGIN_ARGS:-}" \
     --arg format "${CBD_FORMAT_ARGS:-}" --arg build "$BUILD_TYPE" --arg fio "$(fio --version)" --arg nbdkit "$(nbdkit --version)" \
+    --arg hogs "${HOG_CPUS[*]}" \
     '{runtime_s: $runtime, ramp_s: $ramp, rounds: $rounds, reported: "best round of each path by IOPS",
-      image_size: $size, quick: ($quick == 1),
+      image_size: $size, quick: ($quick == 1), hog_cpus: $hogs,
       proxy_args: $proxy, plugin_args: $plugin, format_args: $format, build_type: $build,
       fio: $fio, nbdkit: $nbdkit}')
 
@@ -557,7 +568,8 @@ TABLE=$OUT_DIR/bench.txt
     jq -r '"machine: \(.machine.cpu_model), \(.machine.nproc) CPUs, kernel \(.machine.kernel), \(.machine.date)",
            "fio: \(.config.runtime_s)s per run after \(.config.ramp_s)s ramp, best of \(.config.rounds) interleaved round(s), image \(.config.image_size) in /dev/shm, \(.config.build_type) build" +
            (if .config.proxy_args != "" then ", cbd-proxy \(.config.proxy_args)" else "" end) +
-           (if .config.plugin_args != "" then ", nbdkit cbd \(.config.plugin_args)" else "" end)' "$JSON"
+           (if .config.plugin_args != "" then ", nbdkit cbd \(.config.plugin_args)" else "" end) +
+           (if (.config.hog_cpus // "") != "" then ", a busy loop on CPU \(.config.hog_cpus)" else "" end)' "$JSON"
     echo
     echo "unpinned: every process on any of the $(jq -r .machine.nproc "$JSON") CPUs"
     print_table jobs
