@@ -12,7 +12,9 @@ bool SpinYield::yield() {
 
 bool SpinYield::account(Clock::time_point before, Clock::time_point after) {
   if (after - before <= kYieldOverrun) return true;
-  const bool again = last_overrun_ != Clock::time_point{} && after - last_overrun_ <= kOverrunWindow;
+  // From the end of the last long yield to the start of this one: a hog's
+  // slice may be longer than the window itself (cgroup throttling, steal).
+  const bool again = last_overrun_ != Clock::time_point{} && before - last_overrun_ <= kOverrunWindow;
   last_overrun_ = after;
   if (!again) return true;
   ++spins_stopped_;

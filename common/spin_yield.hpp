@@ -13,8 +13,8 @@
 // the CPU for a tick now and then (measured: a few times a second, 2.5-4 ms
 // each, with nothing else running).  A hog makes every yield it gets long,
 // though quick ones (to the client) can come between.  So spins are turned
-// off, for kSpinOff, when a yield takes longer than kYieldOverrun within
-// kOverrunWindow of the last one that did.
+// off, for kSpinOff, when a yield takes longer than kYieldOverrun and starts
+// within kOverrunWindow of the end of the last one that did.
 #pragma once
 
 #include <chrono>

@@ -365,6 +365,8 @@ class UringQueue final : public StoreQueue {
       if (request.length > kInPlaceMaxRequest || in_place_bytes_ + request.length > kInPlaceBytesPerReap) return false;
     }
     if (!store_.buffered(request.buffer, request.length, request.offset)) return false;
+    // Charged before the copy: one that fails or comes up short still counts
+    // in full (the bound errs on the safe side).
     if (in_memory) in_place_bytes_ += request.length;
     iovec iov{request.buffer, request.length};
     const int fd = store_.fd_for(request.buffer, request.length, request.offset);

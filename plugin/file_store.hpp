@@ -22,7 +22,7 @@ struct FileStoreOptions {
 };
 
 // On a file in memory, a queue copies small requests in place instead of
-// handing them to io_uring's workers (docs/design.md §4), up to these bounds:
+// handing them to io_uring's workers (docs/design.md §7), up to these bounds:
 // a request larger than kInPlaceMaxRequest, or one that would take the bytes
 // copied since the last reap() past kInPlaceBytesPerReap, goes to io_uring.
 inline constexpr std::uint64_t kInPlaceMaxRequest = 256 * 1024;

@@ -110,18 +110,23 @@ TEST_CASE("spin yield: a yield that gives a busy thread on the same CPU its slic
   PinnedTo pin(current_cpu());
   const int cpu = current_cpu();
   SpinYield spin;
+  SpinYield::Clock::time_point stopped_at;
   {
     CpuHog hog(cpu);
     // The hog is runnable on our CPU: a yield hands it the CPU until the
     // scheduler takes it back, which is a slice (milliseconds), not
-    // microseconds, every time.  Bounded: 200 tries.
-    bool overran = false;
-    for (int i = 0; i < 200 && !overran; ++i) overran = !spin.yield();
-    REQUIRE(overran);
+    // microseconds.  Bounded by time, not a count: on a scheduler that
+    // picks the yielder again until it has caught up with the hog, long
+    // yields come only now and then.
+    const auto deadline = SpinYield::Clock::now() + 5s;
+    bool stopped = false;
+    while (!stopped && SpinYield::Clock::now() < deadline) stopped = !spin.yield();
+    stopped_at = SpinYield::Clock::now();
+    REQUIRE(stopped);
   }
-  const auto after = SpinYield::Clock::now();
   CHECK(spin.spins_stopped() >= 1);
-  CHECK_FALSE(spin.spin_allowed(after));
-  // Spinning comes back once the off period is over.
-  CHECK(spin.spin_allowed(after + SpinYield::kSpinOff));
+  // Read right after the stop, before the hog is joined: off now, and on
+  // again once the off period is over.
+  CHECK_FALSE(spin.spin_allowed(stopped_at));
+  CHECK(spin.spin_allowed(stopped_at + SpinYield::kSpinOff));
 }
