@@ -40,10 +40,13 @@ void AdaptivePoller::idle() {
   if (const std::uint32_t pause = next_pause_us()) sleep_for_us(pause);
 }
 
+bool AdaptivePoller::idle_for_long() const {
+  return std::chrono::steady_clock::now() - last_active_ >= std::chrono::milliseconds(tunables_.idle_after_ms);
+}
+
 std::uint32_t AdaptivePoller::ceiling_us() const {
-  const auto since = std::chrono::steady_clock::now() - last_active_;
   std::uint32_t ceiling = std::max(tunables_.max_sleep_us, tunables_.min_sleep_us);
-  if (since >= std::chrono::milliseconds(tunables_.idle_after_ms)) ceiling = std::max(ceiling, tunables_.idle_sleep_us);
+  if (idle_for_long()) ceiling = std::max(ceiling, tunables_.idle_sleep_us);
   return ceiling;
 }
 

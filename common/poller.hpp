@@ -33,6 +33,8 @@ class AdaptivePoller {
   std::uint32_t next_pause_us();
   // The longest sleep allowed now: what a wait that a wake cuts short uses.
   std::uint32_t ceiling_us() const;
+  // Whether nothing happened for idle_after_ms (deep idle).
+  bool idle_for_long() const;
   // Call before a known long idle (e.g. nothing in flight): skips the spin.
   void quiesce() { spinning_ = false; }
 

@@ -27,6 +27,9 @@ constexpr unsigned kTakeBudget = 4;
 constexpr auto kDiscoveryInterval = std::chrono::milliseconds(1);
 // Sleep between discoveries while no channel is served at all.
 constexpr long kUnattachedSleepNs = 5'000'000;
+// Asleep on the doorbell once idle, the longest timed wake-up (see
+// doorbell_sleep_us()).
+constexpr auto kLongestIdleDoorbellSleep = std::chrono::milliseconds(50);
 
 // The queue side's binding of a channel, read in the order the attach
 // protocol publishes it: generation (acquire) first, then the fields stored
@@ -108,7 +111,7 @@ void HandlerThread::pause(DoorbellWaiter& waiter, const AdaptivePoller& poller, 
     woken_for_nothing_ = true;
     return;
   }
-  const DoorbellWaiter::Wake wake = waiter.sleep(poller.ceiling_us());
+  const DoorbellWaiter::Wake wake = waiter.sleep(doorbell_sleep_us(poller));
   if (wake == DoorbellWaiter::Wake::Failed) {
     // The kernel refuses a futex in this mapping (or at all): poll from
     // now on.  Our channels keep naming the doorbell until they attach
@@ -119,6 +122,20 @@ void HandlerThread::pause(DoorbellWaiter& waiter, const AdaptivePoller& poller, 
     return;
   }
   woken_for_nothing_ = wake == DoorbellWaiter::Wake::Woken;
+}
+
+std::uint32_t HandlerThread::doorbell_sleep_us(const AdaptivePoller& poller) const {
+  // Asleep on the doorbell, the wake comes with the work: the timer only
+  // bounds the checks a turn makes besides — a set-up to attach, the
+  // channel heartbeat.  Once idle, a quarter of the heartbeat interval (at
+  // most 50 ms) serves both, so an idle backend wakes about 20 times a
+  // second instead of 100, and every wake costs a context switch
+  // (docs/design.md, Polling and doorbells).
+  const std::uint32_t ceiling = poller.ceiling_us();
+  if (!poller.idle_for_long()) return ceiling;
+  const auto quarter = std::chrono::duration_cast<std::chrono::microseconds>(context_.heartbeat_interval) / 4;
+  const auto longest = std::min<std::chrono::microseconds>(quarter, kLongestIdleDoorbellSleep);
+  return std::max<std::uint32_t>(ceiling, static_cast<std::uint32_t>(longest.count()));
 }
 
 void HandlerThread::join() {

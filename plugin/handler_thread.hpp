@@ -40,6 +40,8 @@ class HandlerThread {
   std::uint32_t* doorbell_word() const;
   // Sleeps on the doorbell when that is safe, else for `pause_us`.
   void pause(DoorbellWaiter& waiter, const AdaptivePoller& poller, std::uint32_t pause_us, bool quiet);
+  // How long a sleep on the doorbell may last before the timer ends it.
+  std::uint32_t doorbell_sleep_us(const AdaptivePoller& poller) const;
 
   ServingContext& context_;
   const std::uint32_t doorbell_;
