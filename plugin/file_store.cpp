@@ -244,8 +244,10 @@ class UringQueue final : public StoreQueue {
   UringQueue& operator=(const UringQueue&) = delete;
   ~UringQueue() override {
     if (!initialised_) return;
-    // Requests still in the kernel write into memory we may unmap next:
-    // wait for them before tearing the ring down.
+    // Nothing new starts at teardown: whether the slot is still ours is not
+    // known here.  Requests still in the kernel write into memory we may
+    // unmap next: wait for them before tearing the ring down.
+    abandon_unstarted();
     std::vector<StoreCompletion> drained;
     while (async_in_flight_ > 0) {
       std::size_t before = drained.size();
@@ -321,15 +323,16 @@ class UringQueue final : public StoreQueue {
     unsubmitted_ = 0;
   }
 
+  // Starts nothing (store.hpp): a short transfer's remainder is prepared
+  // here and goes to the kernel with the caller's next submit(), which it
+  // makes only while its slot is still ours.
   void reap(std::vector<StoreCompletion>& out, bool wait) override {
     in_place_bytes_ = 0;
-    submit();
     io_uring_cqe* cqe = nullptr;
     while (io_uring_peek_cqe(&ring_, &cqe) == 0 && cqe) {
       handle(cqe);
     }
-    if (wait && finished_.empty() && async_in_flight_ > 0) wait_one();
-    submit();  // short transfers re-queued their remainder
+    if (wait && finished_.empty()) wait_one();
     in_flight_ -= static_cast<unsigned>(finished_.size());
     out.insert(out.end(), finished_.begin(), finished_.end());
     finished_.clear();
@@ -382,8 +385,10 @@ class UringQueue final : public StoreQueue {
     return done == request.length;
   }
 
+  // Waits for one completion of a request in the kernel; false when none is
+  // there to wait for (or the wait failed).
   bool wait_one() {
-    submit();
+    if (async_in_flight_ <= unsubmitted_) return false;  // the rest waits for submit()
     io_uring_cqe* cqe = nullptr;
     int result = io_uring_wait_cqe(&ring_, &cqe);
     if (result == 0 && cqe) {

@@ -243,6 +243,11 @@ void HandlerThread::run() {
       queue->abandon_unstarted();
     completions.clear();
     queue->reap(completions, false);
+    // Short transfers prepared their remainder in reap(): fenced the same way.
+    if (context_.fence.holds())
+      queue->submit();
+    else
+      queue->abandon_unstarted();
     for (const StoreCompletion& done : completions) {
       InFlight request = table.take(done.user_data);
       if (request.channel) request.channel->finish(request, done.error);

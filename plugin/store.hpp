@@ -82,7 +82,9 @@ class StoreQueue {
   // batch).
   virtual void submit() = 0;
   // Appends finished requests to `out`.  With `wait`, blocks until at least
-  // one finishes when some are in flight.
+  // one finishes when some are in the kernel.  Never starts a request: what
+  // it prepares (a short transfer's remainder) waits for the next submit(),
+  // so every start goes through the caller's fence check.
   virtual void reap(std::vector<StoreCompletion>& out, bool wait) = 0;
   // Requests enqueued and not yet reaped.
   virtual unsigned in_flight() const = 0;

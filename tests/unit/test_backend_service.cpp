@@ -1200,6 +1200,40 @@ TEST_CASE("file store queue: requests not yet started when the slot is lost neve
   CHECK(file.read(65536, 4096) == Bytes(4096, std::byte{0}));
 }
 
+TEST_CASE("file store queue: reap() starts nothing; a short transfer's remainder waits for the next fenced submit") {
+  // O_DIRECT keeps the read out of the in-place path: io_uring runs it and
+  // comes back short at the end of the file, which prepares the remainder.
+  BackingFile file("/var/tmp", 8192 + 1024);
+  FileStoreOptions options;
+  options.path = file.path();
+  options.direct = true;
+  FileStore store(options);
+  auto queue = store.open_queue(8);
+  void* memory = nullptr;
+  REQUIRE(::posix_memalign(&memory, 4096, 4096) == 0);
+  std::unique_ptr<void, decltype(&std::free)> owned(memory, &std::free);
+  StoreRequest read;
+  read.op = StoreOp::Read;
+  read.offset = 8192;
+  read.length = 4096;
+  read.buffer = static_cast<std::byte*>(memory);
+  read.user_data = 5;
+  queue->enqueue(read);
+  queue->submit();
+  std::vector<StoreCompletion> done;
+  // Waits for the short first part; its remainder is prepared, not started.
+  queue->reap(done, true);
+  REQUIRE(done.empty());
+  // The slot is lost before the handler submits again (a pause right after
+  // reap(), say): the remainder must never reach the file.
+  queue->abandon_unstarted();
+  for (int i = 0; i < 100 && done.empty(); ++i) queue->reap(done, false);
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].user_data == 5);
+  CHECK(done[0].error == ECANCELED);
+  CHECK(queue->in_flight() == 0);
+}
+
 // A request for all of `buffer` at `offset`.
 StoreRequest store_request(StoreOp op, std::uint64_t offset, std::vector<std::byte>& buffer, std::uint64_t user_data) {
   StoreRequest request;
@@ -1326,6 +1360,7 @@ TEST_CASE("file store queue: in memory, a large request and the bytes past the p
   queue = store->open_queue(16);
   queue->enqueue(store_request(StoreOp::Write, 0, large, 100));
   for (std::uint64_t i = 0; i <= kFits; ++i) queue->enqueue(store_request(StoreOp::Write, (i + 1) * 2 * kPiece, pieces[i], i));
+  queue->submit();
   done.clear();
   queue->reap(done, false);
   queue->enqueue(store_request(StoreOp::Write, 2 * kPiece, pieces[kFits], 200));
