@@ -21,6 +21,7 @@
 #include "common/error.hpp"
 #include "common/layout.hpp"
 #include "common/log.hpp"
+#include "plugin/range_op_slicer.hpp"
 
 namespace cbd::backend {
 namespace {
@@ -281,6 +282,10 @@ class UringQueue final : public StoreQueue {
       finished_.push_back({request.user_data, ECANCELED});
       return;
     }
+    if (RangeOpSlicer::sliced(request.op)) {
+      slices_.add(request);  // run a slice per submit()
+      return;
+    }
     if (request.op != StoreOp::Read && request.op != StoreOp::Write && request.op != StoreOp::Flush) {
       finished_.push_back({request.user_data, run_request(store_, request)});
       return;
@@ -301,8 +306,12 @@ class UringQueue final : public StoreQueue {
     prepare(index);
   }
 
+  bool slicing() const override { return !slices_.empty(); }
+
   void submit() override {
-    if (unsubmitted_ == 0 || abandoned_) return;
+    if (abandoned_) return;
+    slices_.step(store_, finished_);
+    if (unsubmitted_ == 0) return;
     int result = io_uring_submit(&ring_);
     if (result >= 0) {
       const auto started = std::min<unsigned>(unsubmitted_, static_cast<unsigned>(result));
@@ -321,6 +330,7 @@ class UringQueue final : public StoreQueue {
     for (unsigned index : prepared_) finish(index, ECANCELED);
     prepared_.clear();
     unsubmitted_ = 0;
+    slices_.abandon(finished_);
   }
 
   // Starts nothing (store.hpp): a short transfer's remainder is prepared
@@ -491,6 +501,7 @@ class UringQueue final : public StoreQueue {
   std::vector<Slot> slots_;
   std::vector<unsigned> free_slots_;
   std::vector<StoreCompletion> finished_;
+  RangeOpSlicer slices_;          // trims and zeros, a slice per submit()
   unsigned in_flight_ = 0;        // enqueued, not yet reaped
   unsigned async_in_flight_ = 0;  // in the kernel
   unsigned unsubmitted_ = 0;

@@ -3,7 +3,8 @@
 // Handlers reach it through an io_uring queue per handler thread (reads,
 // writes — RWF_DSYNC for FUA — and fsync run asynchronously, straight
 // between the channel's data area and the file, design §3.8); trim, zero,
-// block status and cache are synchronous system calls.
+// block status and cache are synchronous system calls, trim and zero run a
+// bounded slice at a time (range_op_slicer.hpp).
 #pragma once
 
 #include <cstdint>

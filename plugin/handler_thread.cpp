@@ -253,6 +253,7 @@ void HandlerThread::run() {
       if (request.channel) request.channel->finish(request, done.error);
     }
     work += static_cast<unsigned>(completions.size());
+    if (queue->slicing()) ++work;  // a long trim or zero runs on, a slice per submit()
     bool unposted = false;
     for (auto& handler : channels_) {
       handler->publish();

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "common/log.hpp"
+#include "plugin/inline_store_queue.hpp"
 
 namespace cbd::backend {
 
@@ -37,16 +38,6 @@ int report_store_error(RateLimit& limit, const std::string& where, const char* w
         where.c_str(), what, static_cast<unsigned long long>(offset), static_cast<unsigned long long>(length),
         description ? description : "unknown error", error, static_cast<unsigned long long>(suppressed));
   return error;
-}
-
-void InlineStoreQueue::enqueue(const StoreRequest& request) {
-  // Every request runs here, in enqueue(): after the slot was lost none may.
-  finished_.push_back({request.user_data, abandoned_ ? ECANCELED : run_request(store_, request)});
-}
-
-void InlineStoreQueue::reap(std::vector<StoreCompletion>& out, bool /*wait: nothing is ever pending*/) {
-  out.insert(out.end(), finished_.begin(), finished_.end());
-  finished_.clear();
 }
 
 }  // namespace cbd::backend

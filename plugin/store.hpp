@@ -79,8 +79,12 @@ class StoreQueue {
   // once (reap() then returns it).
   virtual void enqueue(const StoreRequest& request) = 0;
   // Starts everything queued since the last submit (one system call for a
-  // batch).
+  // batch), and runs one slice of a pending trim or zero
+  // (range_op_slicer.hpp).
   virtual void submit() = 0;
+  // True while submit() has slices left to run: the caller keeps calling it
+  // (it is work) even when nothing new arrives.
+  virtual bool slicing() const { return false; }
   // Appends finished requests to `out`.  With `wait`, blocks until at least
   // one finishes when some are in the kernel.  Never starts a request: what
   // it prepares (a short transfer's remainder) waits for the next submit(),
@@ -120,32 +124,11 @@ class Store {
 // Runs one request with the store's synchronous methods.
 int run_request(Store& store, const StoreRequest& request);
 
-// The queue every store gets unless it has real asynchronous I/O: each
-// request runs to completion inside enqueue().
 // Logs a failed store operation where it failed — `where` names the store
 // ("file /path", "next plugin"), then the operation, offset, length and
 // errno — through `limit`, since a peer decides how often I/O is tried.
 // Returns `error`.
 int report_store_error(RateLimit& limit, const std::string& where, const char* what, std::uint64_t offset,
                        std::uint64_t length, int error);
-
-class InlineStoreQueue final : public StoreQueue {
- public:
-  InlineStoreQueue(Store& store, unsigned depth) : store_(store), depth_(depth == 0 ? 1 : depth) {
-    finished_.reserve(depth_);  // no allocation per request
-  }
-  unsigned room() const override { return depth_ - static_cast<unsigned>(finished_.size()); }
-  void enqueue(const StoreRequest& request) override;
-  void submit() override {}
-  void reap(std::vector<StoreCompletion>& out, bool wait) override;
-  unsigned in_flight() const override { return static_cast<unsigned>(finished_.size()); }
-  void abandon_unstarted() override { abandoned_ = true; }
-
- private:
-  Store& store_;
-  unsigned depth_;
-  std::vector<StoreCompletion> finished_;
-  bool abandoned_ = false;  // abandon_unstarted(): nothing runs any more
-};
 
 }  // namespace cbd::backend

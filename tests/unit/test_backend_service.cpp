@@ -32,7 +32,9 @@
 #include "plugin/backend_service.hpp"
 #include "plugin/file_store.hpp"
 #include "plugin/handler.hpp"
+#include "plugin/inline_store_queue.hpp"
 #include "plugin/memory_store.hpp"
+#include "plugin/range_op_slicer.hpp"
 #include "queue_driver.hpp"
 #include "shm_fixture.hpp"
 
@@ -1374,6 +1376,157 @@ TEST_CASE("file store queue: in memory, a large request and the bytes past the p
   CHECK(error_of[200] == 0);
   CHECK(file.read(0, large.size()) == Bytes(large.begin(), large.end()));
   CHECK(file.read(2 * kPiece, kPiece) == Bytes(pieces[kFits].begin(), pieces[kFits].end()));
+}
+
+// Runs one queue's trim or zero to its end, a submit() and reap() at a time;
+// returns how many submits it took.
+int run_slices(StoreQueue& queue, std::vector<StoreCompletion>& done) {
+  int submits = 0;
+  for (; queue.slicing() && submits < 1000; ++submits) {
+    queue.submit();
+    queue.reap(done, false);
+  }
+  return submits;
+}
+
+// Checks the slicing contract on `queue` over `store`, which exports at
+// least 4 slices and a page: a long zero runs a slice per submit() while a
+// read queued behind it finishes at once; abandon_unstarted() cancels what
+// is left and the slices not run stay untouched.
+void check_zero_runs_in_slices(Store& store, StoreQueue& queue) {
+  constexpr std::uint64_t kSlices = 4;
+  const Bytes pattern(kRangeOpSlice, std::byte{0x5a});
+  for (std::uint64_t i = 0; i < kSlices; ++i) REQUIRE(store.pwrite(pattern.data(), pattern.size(), i * kRangeOpSlice, false) == 0);
+  StoreRequest zero;
+  zero.op = StoreOp::Zero;
+  zero.no_hole = true;  // tmpfs has no zero-range: every byte is written
+  zero.offset = 0;
+  zero.length = kSlices * kRangeOpSlice;
+  zero.user_data = 1;
+  queue.enqueue(zero);
+  std::vector<std::byte> back(4096);
+  StoreRequest read;
+  read.op = StoreOp::Read;
+  read.offset = kSlices * kRangeOpSlice;
+  read.length = back.size();
+  read.buffer = back.data();
+  read.user_data = 2;
+  queue.enqueue(read);
+  queue.submit();
+  std::vector<StoreCompletion> done;
+  for (int i = 0; i < 100 && done.empty(); ++i) queue.reap(done, false);
+  // The read did not wait for the whole zero: one slice ran, three wait.
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].user_data == 2);
+  CHECK(queue.slicing());
+  CHECK(queue.in_flight() == 1);
+  CHECK(run_slices(queue, done) == static_cast<int>(kSlices) - 1);
+  REQUIRE(done.size() == 2);
+  CHECK(done[1].user_data == 1);
+  CHECK(done[1].error == 0);
+  Bytes got(kRangeOpSlice);
+  for (std::uint64_t i = 0; i < kSlices; ++i) {
+    REQUIRE(store.pread(got.data(), got.size(), i * kRangeOpSlice) == 0);
+    CHECK(got == Bytes(kRangeOpSlice, std::byte{0}));
+  }
+
+  // Lost after its first slice: the rest never runs.
+  for (std::uint64_t i = 0; i < 2; ++i) REQUIRE(store.pwrite(pattern.data(), pattern.size(), i * kRangeOpSlice, false) == 0);
+  zero.length = 2 * kRangeOpSlice;
+  zero.user_data = 3;
+  queue.enqueue(zero);
+  queue.submit();
+  queue.abandon_unstarted();
+  CHECK_FALSE(queue.slicing());
+  done.clear();
+  queue.reap(done, false);
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].user_data == 3);
+  CHECK(done[0].error == ECANCELED);
+  CHECK(queue.in_flight() == 0);
+  REQUIRE(store.pread(got.data(), got.size(), 0) == 0);
+  CHECK(got == Bytes(kRangeOpSlice, std::byte{0}));
+  REQUIRE(store.pread(got.data(), got.size(), kRangeOpSlice) == 0);
+  CHECK(got == pattern);
+}
+
+TEST_CASE("file store queue: a long zero runs a slice per submit, and the requests behind it do not wait for it") {
+  BackingFile file("/dev/shm", 4 * kRangeOpSlice + 4096);
+  auto store = file_store(file);
+  auto queue = store->open_queue(8);
+  check_zero_runs_in_slices(*store, *queue);
+}
+
+TEST_CASE("inline store queue: a long zero runs a slice per submit, and the requests behind it do not wait for it") {
+  MemoryStore store(4 * kRangeOpSlice + MemoryStore::kPageSize);
+  InlineStoreQueue queue(store, 8);
+  check_zero_runs_in_slices(store, queue);
+}
+
+TEST_CASE("range op slicer: slices end on slice boundaries; a trim with FUA flushes once, after its last slice") {
+  // Records what the slicer asks of the store.
+  class Recorder final : public Store {
+   public:
+    const StoreInfo& info() const override { return info_; }
+    int pread(void*, std::size_t, std::uint64_t) override { return EIO; }
+    int pwrite(const void*, std::size_t, std::uint64_t, bool) override { return EIO; }
+    int flush() override {
+      calls.push_back({0, 0, true});
+      return 0;
+    }
+    int trim(std::uint64_t offset, std::uint64_t length, bool fua) override {
+      CHECK_FALSE(fua);
+      calls.push_back({offset, length, false});
+      return 0;
+    }
+    int zero(std::uint64_t offset, std::uint64_t length, bool, bool, bool) override {
+      calls.push_back({offset, length, false});
+      return offset >= 2 * kRangeOpSlice ? ENOSPC : 0;
+    }
+    int extents(std::uint64_t, std::uint64_t, bool, ExtentSink&) override { return EIO; }
+    int cache(std::uint64_t, std::uint64_t) override { return 0; }
+    struct Call {
+      std::uint64_t offset, length;
+      bool flush;
+      bool operator==(const Call& o) const { return offset == o.offset && length == o.length && flush == o.flush; }
+    };
+    std::vector<Call> calls;
+
+   private:
+    StoreInfo info_;
+  } store;
+  RangeOpSlicer slicer;
+  StoreRequest trim;
+  trim.op = StoreOp::Trim;
+  trim.fua = true;
+  trim.offset = kRangeOpSlice - 512;
+  trim.length = kRangeOpSlice + 1024;
+  trim.user_data = 7;
+  slicer.add(trim);
+  std::vector<StoreCompletion> done;
+  for (int i = 0; i < 10 && !slicer.empty(); ++i) slicer.step(store, done);
+  using Call = Recorder::Call;
+  CHECK(store.calls == std::vector<Call>{{kRangeOpSlice - 512, 512, false},
+                                          {kRangeOpSlice, kRangeOpSlice, false},
+                                          {2 * kRangeOpSlice, 512, false},
+                                          {0, 0, true}});
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].error == 0);
+
+  // A failed slice ends the operation with its error; nothing more runs.
+  store.calls.clear();
+  done.clear();
+  StoreRequest zero;
+  zero.op = StoreOp::Zero;
+  zero.offset = kRangeOpSlice;
+  zero.length = 4 * kRangeOpSlice;
+  zero.user_data = 8;
+  slicer.add(zero);
+  for (int i = 0; i < 10 && !slicer.empty(); ++i) slicer.step(store, done);
+  CHECK(store.calls.size() == 2);
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].user_data == 8);
+  CHECK(done[0].error == ENOSPC);
 }
 
 TEST_CASE("inline store queue: after the slot is lost, nothing reaches the store") {

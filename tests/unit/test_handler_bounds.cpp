@@ -21,6 +21,7 @@
 #include "common/slot.hpp"
 #include "plugin/backend_service.hpp"
 #include "plugin/handler.hpp"
+#include "plugin/inline_store_queue.hpp"
 #include "plugin/memory_store.hpp"
 #include "queue_driver.hpp"
 #include "shm_fixture.hpp"
