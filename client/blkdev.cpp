@@ -161,6 +161,7 @@ QueueLoopOptions Blkdev::loop_options() const {
   loop.spin_us = options_.spin_us;
   loop.max_sleep_us = options_.max_sleep_us;
   loop.payload_timeout = options_.payload_timeout;
+  loop.reply_timeout = options_.reply_timeout;
   // docs/design.md §5: a channel with entries in flight and no completion
   // for max(5 s, 5 x dead-after) is set up again and re-driven.
   loop.stall_timeout = std::chrono::milliseconds(std::max(5000u, 5 * transport_.superblock().dead_after_ms));

@@ -36,6 +36,7 @@ struct BlkdevOptions {
   std::chrono::milliseconds backend_timeout{30000};          // hold requests this long for a backend to return
   std::chrono::milliseconds attach_timeout{10000};           // wait this long for handlers to attach
   std::chrono::milliseconds payload_timeout{30000};          // a WRITE payload that stops arriving ends its connection
+  std::chrono::milliseconds reply_timeout{30000};            // so do replies the client stops taking
   std::uint32_t spin_us = 50;                                // queue loops: poll without sleeping after activity
   std::uint32_t max_sleep_us = 1000;                         // queue loops: longest wait with entries in flight
 };

@@ -40,6 +40,7 @@ const std::vector<ParameterSpec> kConnectParameters = {
     {"handshake-timeout", "10", "seconds a new connection has to finish its NBD handshake before it is dropped"},
     {"max-connections", "256", "open NBD connections at most (handshaking or serving); more are refused"},
     {"payload-timeout", "30", "seconds a WRITE payload may stop arriving before its connection is dropped"},
+    {"reply-timeout", "30", "seconds a client may take no reply bytes before its connection is dropped"},
     {"spin-us", "50", "queue loops: keep polling this long after activity before waiting"},
     {"max-sleep-us", "1000", "queue loops: longest wait while requests are in flight"},
     {"daemon", "", "fork into the background once serving"},
@@ -72,6 +73,10 @@ int run_connect(const Parameters& p) {
   if (payload_seconds == 0 || payload_seconds > 86400)
     throw Error("payload-timeout=" + std::to_string(payload_seconds) + ": give clients 1 to 86400 seconds");
   options.payload_timeout = std::chrono::milliseconds(payload_seconds * 1000);
+  const std::uint64_t reply_seconds = p.number("reply-timeout", 30);
+  if (reply_seconds == 0 || reply_seconds > 86400)
+    throw Error("reply-timeout=" + std::to_string(reply_seconds) + ": give clients 1 to 86400 seconds");
+  options.reply_timeout = std::chrono::milliseconds(reply_seconds * 1000);
   options.spin_us = static_cast<std::uint32_t>(std::min<std::uint64_t>(p.number("spin-us", options.spin_us), 1000000));
   options.max_sleep_us =
       static_cast<std::uint32_t>(std::clamp<std::uint64_t>(p.number("max-sleep-us", options.max_sleep_us), 1, 100000));

@@ -905,7 +905,9 @@ bool NbdSession::flush_output() {
       break;
     }
   }
-  if (blocked_on_write_ && write_blocked_since_ == Clock::time_point{}) write_blocked_since_ = Clock::now();
+  // Deadlines count from the last byte the client took, not from the first
+  // time its socket was full: a slow reader is not a stopped one.
+  if (blocked_on_write_ && (progress || write_blocked_since_ == Clock::time_point{})) write_blocked_since_ = Clock::now();
   if (!blocked_on_write_) write_blocked_since_ = {};
   if (ending_ && output_.empty()) close(ending_reason_, true);
   else if (input_done_ && requests_.empty() && output_.empty() && !intake_ && !discard_left_) close("connection ended");
@@ -965,6 +967,15 @@ void NbdSession::tick(Clock::time_point now) {
   if (input_done_ && blocked_on_write_ && write_blocked_since_ != Clock::time_point{} &&
       now - write_blocked_since_ > limits_.drain_timeout) {
     close("client stopped reading after it disconnected");
+    return;
+  }
+  if (blocked_on_write_ && write_blocked_since_ != Clock::time_point{} &&
+      now - write_blocked_since_ > limits_.reply_timeout) {
+    // Its held replies pin its share of the data area and entries: bounded,
+    // but held for nothing once the client is gone in all but name.
+    log(LogLevel::Warning, "nbd: dropping a connection that took no reply bytes for %lld ms (reply-timeout=)",
+        static_cast<long long>(limits_.reply_timeout.count()));
+    close("reply timeout");
     return;
   }
 }

@@ -34,7 +34,8 @@
 //    used up; a WRITE payload already announced is still received (it goes
 //    into the share, and its client may read nothing until it is sent).  A
 //    WRITE payload that has not fully arrived within `payload_timeout` of
-//    its header ends the connection.
+//    its header ends the connection, and so does output that cannot be
+//    written for `reply_timeout` (the client stopped reading).
 #pragma once
 
 #include <array>
@@ -58,6 +59,7 @@ struct SessionLimits {
   std::uint32_t write_piece = 256u << 10;
   std::size_t output_backlog = 1u << 20;
   std::chrono::milliseconds payload_timeout{30000};
+  std::chrono::milliseconds reply_timeout{30000};  // replies not taken this long (no byte written): dropped
   std::chrono::milliseconds drain_timeout{2000};  // after DISC/EOF/stop: longest wait for replies to go out
 };
 
@@ -200,7 +202,7 @@ class NbdSession {
   const Request* stream_ = nullptr;    // whose stream is open
   std::vector<Request*> waiting_streams_;  // streams that wait for the open one
   bool blocked_on_write_ = false;
-  Clock::time_point write_blocked_since_{};
+  Clock::time_point write_blocked_since_{};  // blocked on a full socket, no byte written since
   std::vector<iovec> iov_;
 
   bool ending_ = false;                // end_after_output() ran

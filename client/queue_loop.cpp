@@ -41,14 +41,15 @@ constexpr std::uintptr_t kTagOutput = 2;
 
 }  // namespace
 
-SessionLimits session_limits_for(const ChannelEngine& engine, std::chrono::milliseconds payload_timeout) {
+SessionLimits session_limits_for(const ChannelEngine& engine, const QueueLoopOptions& options) {
   SessionLimits limits;
   const std::uint64_t data = engine.data_size();
   limits.data_share = std::max<std::uint64_t>(data / 2, 4096);
   limits.entry_share = std::max<std::uint32_t>(engine.capacity() / 2, 1);
   const std::uint64_t piece = std::clamp<std::uint64_t>(data / 16, 4096, 256u << 10);
   limits.write_piece = static_cast<std::uint32_t>(piece & ~std::uint64_t{4095});
-  limits.payload_timeout = payload_timeout;
+  limits.payload_timeout = options.payload_timeout;
+  limits.reply_timeout = options.reply_timeout;
   return limits;
 }
 
@@ -76,7 +77,7 @@ QueueLoop::QueueLoop(std::unique_ptr<ChannelEngine> engine, ExportInfo info, Que
     : engine_(std::move(engine)),
       info_(std::move(info)),
       options_(options),
-      limits_(session_limits_for(*engine_, options.payload_timeout)),
+      limits_(session_limits_for(*engine_, options)),
       stall_timeout_(options.stall_timeout) {
   epoll_.reset(::epoll_create1(EPOLL_CLOEXEC));
   if (!epoll_) throw_errno("epoll_create1");

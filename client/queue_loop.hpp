@@ -37,6 +37,7 @@ struct QueueLoopOptions {
   std::uint32_t spin_us = 50;        // keep polling without sleeping this long after activity
   std::uint32_t max_sleep_us = 1000; // longest wait while entries are in flight
   std::chrono::milliseconds payload_timeout{30000};
+  std::chrono::milliseconds reply_timeout{30000};
   // With entries in flight and no completion for this long the channel is
   // set up again and its entries re-driven (the blkdev passes
   // max(5 s, 5 x dead-after), docs/design.md §5).
@@ -45,7 +46,8 @@ struct QueueLoopOptions {
 
 // What an NbdSession may hold of a channel with this geometry: half its
 // entries and half its data area, WRITE payloads in pieces of a sixteenth.
-SessionLimits session_limits_for(const ChannelEngine& engine, std::chrono::milliseconds payload_timeout);
+// Its deadlines are the options'.
+SessionLimits session_limits_for(const ChannelEngine& engine, const QueueLoopOptions& options);
 
 class QueueLoop {
  public:

@@ -740,6 +740,51 @@ TEST_CASE("session isolation: a WRITE payload that stops arriving ends the conne
   CHECK(h.disk(0, 10000) != pattern(10000, 3));
 }
 
+TEST_CASE("session isolation: a client that takes no reply bytes is dropped after reply_timeout; a slow reader is not") {
+  Harness h;
+  SessionLimits limits;
+  limits.reply_timeout = 300ms;
+  Client& slow = h.connect(h.info(), false, limits);
+  Client& stopped = h.connect(h.info(), false, limits);
+  slow.reading = stopped.reading = false;
+  // 1 MiB of replies each: several times what a socket buffer holds.
+  constexpr std::uint32_t kReads = 16, kLength = 65536;
+  for (std::uint32_t i = 0; i < kReads; ++i) {
+    slow.request(nbd::kCmdRead, 100 + i, i * kLength, kLength);
+    stopped.request(nbd::kCmdRead, 200 + i, i * kLength, kLength);
+  }
+  const std::size_t all = kReads * (nbd::kSimpleReplySize + kLength);
+  const auto start = Clock::now();
+  auto last_read = start;
+  Clock::duration stopped_after{};
+  // The slow client takes 32 KiB every 100 ms: it takes three seconds over
+  // its replies, ten times the deadline, but never stops for as long.
+  REQUIRE(h.run_until(
+      [&] {
+        const auto now = Clock::now();
+        if (stopped.session->closed() && stopped_after == Clock::duration{}) stopped_after = now - start;
+        if (now - last_read >= 100ms) {
+          last_read = now;
+          std::uint8_t buffer[32768];
+          const ssize_t n = ::recv(slow.pair.client, buffer, sizeof buffer, MSG_DONTWAIT);
+          if (n > 0) slow.received.insert(slow.received.end(), buffer, buffer + n);
+        }
+        return slow.received.size() >= all && stopped.session->closed();
+      },
+      15000ms));
+  CHECK_FALSE(slow.session->closed());
+  CHECK(stopped_after > 300ms);
+  CHECK(stopped_after < 3000ms);
+  CHECK(Clock::now() - start > 1000ms);  // the slow reader really was slow
+  for (std::uint32_t i = 0; i < kReads; ++i) {
+    auto reply = parse_simple(slow.pop(nbd::kSimpleReplySize));
+    CHECK(reply.error == 0);
+    CHECK(slow.pop(kLength) == h.disk((reply.cookie - 100) * kLength, kLength));
+  }
+  CHECK(stopped.on_closed_called);
+  CHECK(h.run_until([&] { return h.engine_idle(); }));  // the dropped client's extents are back
+}
+
 TEST_CASE("session: after DISC the replies in flight still go out, then the connection closes") {
   Harness h;
   h.auto_answer = false;
