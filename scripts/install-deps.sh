@@ -16,7 +16,7 @@ packages=(
     # libraries (design brief §2)
     nbdkit nbdkit-plugin-dev libnbd-dev liburing-dev libdaxctl-dev libcli11-dev doctest-dev nlohmann-json3-dev libnl-genl-3-dev
     # real clients and tools used by the tests, the demo and the benchmark
-    libnbd-bin python3-libnbd fio qemu-utils nbd-client jq iproute2 e2fsprogs
+    libnbd-bin python3-libnbd fio qemu-utils nbd-client jq bc iproute2 e2fsprogs
     # man pages
     perl man-db
     # fuzzing (libFuzzer comes with clang's runtime)
