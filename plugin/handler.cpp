@@ -48,6 +48,12 @@ std::uint16_t allowed_flags(Op op) {
   }
 }
 
+// A store's error as a completion status.  ESHUTDOWN there means "not
+// executed, the backend is stopping" (docs/design.md §5): the queue side
+// keeps the entry for the next instance.  From a store it is a request that
+// ran and failed, and is reported as EIO.
+int completion_status(int store_error) { return store_error == ESHUTDOWN ? EIO : store_error; }
+
 bool modifies(Op op) { return op == Op::Write || op == Op::Trim || op == Op::WriteZeroes; }
 
 const char* op_name(std::uint16_t op) {
@@ -467,7 +473,7 @@ void ChannelHandler::block_status(const SubmissionEntry& entry, std::byte* data)
   std::uint32_t bytes = writer.finish();
   if (error == 0 && bytes == 0) error = EIO;  // a reply needs at least one extent
   if (error) {
-    complete(entry.tag, error);
+    complete(entry.tag, completion_status(error));
     return;
   }
   complete(entry.tag, 0, bytes, channel_.publish_data(data, bytes));
@@ -480,7 +486,7 @@ void ChannelHandler::finish(const InFlight& request, int error) {
     complete(request.tag, 0, request.length, channel_.publish_data(request.data, request.length));
     return;
   }
-  complete(request.tag, error);
+  complete(request.tag, completion_status(error));
 }
 
 void ChannelHandler::complete(std::uint64_t tag, int status, std::uint32_t result_length, std::uint32_t data_crc) {

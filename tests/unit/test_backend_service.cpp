@@ -941,6 +941,43 @@ TEST_CASE("a channel set up again (new generation) or handed to a new owner is s
 
 namespace {
 
+// A memory store whose every operation fails with one errno.
+class FailingStore final : public Store {
+ public:
+  FailingStore(std::uint64_t size, int error) : memory_(size), error_(error) {}
+  const StoreInfo& info() const override { return memory_.info(); }
+  int pread(void*, std::size_t, std::uint64_t) override { return error_; }
+  int pwrite(const void*, std::size_t, std::uint64_t, bool) override { return error_; }
+  int flush() override { return error_; }
+  int trim(std::uint64_t, std::uint64_t, bool) override { return error_; }
+  int zero(std::uint64_t, std::uint64_t, bool, bool, bool) override { return error_; }
+  int extents(std::uint64_t, std::uint64_t, bool, ExtentSink&) override { return error_; }
+  int cache(std::uint64_t, std::uint64_t) override { return error_; }
+
+ private:
+  MemoryStore memory_;
+  int error_;
+};
+
+}  // namespace
+
+TEST_CASE("backend service: a store that fails with ESHUTDOWN completes the request with EIO") {
+  // ESHUTDOWN in a completion means "not executed, the backend is stopping":
+  // the queue side keeps the entry for the next instance.  A store error of
+  // that number (an nbdkit plugin below the filter, a network file system)
+  // is a request that ran and failed; passed on as it is, the request would
+  // wait for a set-up that never comes.
+  Rig rig(std::make_unique<FailingStore>(1 << 20, ESHUTDOWN));
+  CHECK(rig.write(0, Bytes(4096, std::byte{1})) == EIO);
+  CHECK(rig.call(make_io(Op::Read, 0, 4096, 0)).status == EIO);
+  CHECK(rig.op(Op::Flush, 0, 0) == EIO);
+  CHECK(rig.op(Op::Trim, 0, 4096) == EIO);
+  CHECK(rig.op(Op::WriteZeroes, 0, 4096) == EIO);
+  CHECK(rig.call(make_entry(Op::BlockStatus, 0, 4096, 0, 256 * sizeof(ExtentDescriptor))).status == EIO);
+}
+
+namespace {
+
 // A memory store that records every request it is given and can hold the
 // handler thread inside one write (its InlineStoreQueue runs requests in
 // place): the window in which a paused backend loses its slot.
