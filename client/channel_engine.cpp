@@ -105,6 +105,13 @@ std::byte* ChannelEngine::extent(std::uint32_t slot) const {
   return channel_.data(entry.submission.data_offset, entry.submission.data_length);
 }
 
+ChannelEngine::DataState ChannelEngine::data_state(std::uint32_t slot) {
+  const Entry& entry = entries_[slot];
+  if (entry.data_lost) return DataState::Lost;
+  if (entry.refill || lost_ || !still_ours()) return DataState::Pending;
+  return DataState::Ready;
+}
+
 std::byte* ChannelEngine::writable_extent(std::uint32_t slot) {
   if (lost_ || !still_ours()) return nullptr;
   return extent(slot);
@@ -175,6 +182,11 @@ void ChannelEngine::complete_locally(std::uint32_t slot, int error) {
     // The backend instance that popped it may still be executing it.
     entry.quarantine_extent = true;
   }
+  if (entry.refill) {
+    // Its owner had its completion long ago; only the data is missing.
+    end_refill(slot, false);
+    return;
+  }
   entry.state = State::Completed;
   entry.status = error;
   entry.result_length = 0;
@@ -210,6 +222,15 @@ bool ChannelEngine::accept(const CompletionEntry& completion, std::uint32_t& slo
     --in_flight_;
     return false;
   }
+  if (entry.refill) {
+    --in_flight_;
+    const std::byte* data = extent(static_cast<std::uint32_t>(slot));
+    const std::uint32_t length = entry.submission.length;
+    end_refill(static_cast<std::uint32_t>(slot), sane_status(completion.status) == 0 &&
+                                                     completion.result_length == length && data &&
+                                                     channel_.consume_data(data, length, completion.data_crc));
+    return false;  // its owner gets no second completion
+  }
   entry.state = State::Completed;
   entry.status = sane_status(completion.status);
   entry.result_length = completion.result_length;
@@ -224,9 +245,24 @@ bool ChannelEngine::accept(const CompletionEntry& completion, std::uint32_t& slo
   return true;
 }
 
+void ChannelEngine::end_refill(std::uint32_t slot, bool data_back) {
+  Entry& entry = entries_[slot];
+  entry.state = State::Completed;
+  entry.refill = false;
+  entry.data_lost = !data_back;
+  --outstanding_;
+  last_progress_ = Clock::now();
+  if (entry.owner_done) release(slot);
+}
+
 void ChannelEngine::release(std::uint32_t slot) {
   Entry& entry = entries_[slot];
   if (entry.state == State::Free) return;
+  if (entry.refill) {
+    // Its owner is done with it, the ring is not: freed when the refill ends.
+    entry.owner_done = true;
+    return;
+  }
   if (entry.state != State::Completed) {
     // Released before completion (its connection is gone while the payload
     // was arriving): it never reached a ring.
@@ -418,11 +454,20 @@ void ChannelEngine::adopt_outstanding(ChannelEngine& old) {
       }
       std::memcpy(target, copy.data(), copy.size());
     } else if (from.state == State::Completed && !copy.empty()) {
-      // It was written before we lost the channel; whoever owns it now may
-      // have written over it since, which only checksum mode can tell.
-      std::memcpy(target, copy.data(), copy.size());
-      if (channel_.mode().checksum && from.status == 0 && crc32c(0, copy.data(), copy.size()) != from.result_crc)
-        to.status = EIO;
+      // A result not sent yet.  It was written before we lost the channel;
+      // whoever owns it now may have written over it since.  Only checksum
+      // mode can tell it did not: otherwise (or when it did) a READ runs
+      // again into the fresh extent, and its owner waits for the bytes.
+      const bool unchanged = channel_.mode().checksum && crc32c(0, copy.data(), copy.size()) == from.result_crc;
+      if (unchanged) {
+        std::memcpy(target, copy.data(), copy.size());
+      } else if (from.submission.op == static_cast<std::uint16_t>(Op::Read) && from.status == 0) {
+        to.state = State::Waiting;
+        to.refill = true;
+        ++outstanding_;
+      } else {
+        to.data_lost = true;  // nothing to read again: its owner ends what it promised
+      }
     }
   }
   // Entries the old engine completed locally (failed) and never reported:
@@ -435,10 +480,13 @@ void ChannelEngine::adopt_outstanding(ChannelEngine& old) {
 
 void ChannelEngine::fail_adopted(std::uint32_t slot, int error) {
   Entry& entry = entries_[slot];
-  if (entry.state == State::Waiting)
+  if (entry.state == State::Waiting) {
     complete_locally(slot, error);
-  else
+  } else {
     entry.status = error;  // Completed: reported as is; Reserved: submit() fails it
+    // Completed and already reported: data its owner still holds is gone.
+    if (entry.state == State::Completed) entry.data_lost = true;
+  }
 }
 
 }  // namespace cbd::proxy

@@ -102,6 +102,13 @@ class ChannelEngine {
   SubmissionEntry& submission(std::uint32_t slot) { return entries_[slot].submission; }
   // The bytes of the entry's data extent.
   std::byte* extent(std::uint32_t slot) const;
+  // Whether a completed READ's data in its extent may be sent.  Pending: not
+  // now — the channel is not ours any more (its data area belongs to
+  // whoever claimed it), or the data is being read again after the channel
+  // was lost (adopt_outstanding()); ask again later.  Lost: it could not be
+  // read again; what was promised cannot be delivered.
+  enum class DataState { Ready, Pending, Lost };
+  DataState data_state(std::uint32_t slot);
   // The same, to write into (a WRITE payload): nullptr once the channel is
   // not ours, since its data area then belongs to another compute node.
   std::byte* writable_extent(std::uint32_t slot);
@@ -147,7 +154,11 @@ class ChannelEngine {
   // old data area and their checksum verified; a payload that changed (the
   // new owner of that channel wrote over it) completes with EIO.  Reserved
   // entries stay Reserved (their payload continues into the new extent).
-  // Failures decided locally and not yet reaped there are reaped here.
+  // A completed READ whose owner still holds its data is read again into
+  // the fresh extent (a *refill*: its owner already has its completion and
+  // gets none more; data_state() says when the bytes are back), unless
+  // checksum mode proves the old bytes unchanged.  Failures decided locally
+  // and not yet reaped there are reaped here.
   void adopt_outstanding(ChannelEngine& old);
   // Checks the claim; marks the engine lost (and logs once) when it is not ours.
   bool still_ours();
@@ -162,6 +173,11 @@ class ChannelEngine {
     SubmissionEntry submission{};
     bool has_extent = false;
     bool quarantine_extent = false;  // an older backend instance may still touch it
+    // Refill: Completed for its owner (who got its completion), but Waiting
+    // or Pushed here while its READ runs again into this extent.
+    bool refill = false;
+    bool owner_done = false;         // released by its owner during a refill: freed when it ends
+    bool data_lost = false;          // a refill that failed
     std::uint32_t generations = 0;   // ring generations it was pushed into
     std::uint32_t payload_crc = 0;   // CRC32C of the payload received so far
     std::uint32_t payload_length = 0;
@@ -181,6 +197,9 @@ class ChannelEngine {
   bool accept(const CompletionEntry& completion, std::uint32_t& slot);
   void update_in_flight_counter();
   void fail_adopted(std::uint32_t slot, int error);
+  // A refill ended (its completion arrived, or the engine failed it): the
+  // entry is Completed again, its data back or lost.
+  void end_refill(std::uint32_t slot, bool data_back);
 
   Channel channel_;
   const Transport& transport_;

@@ -840,6 +840,12 @@ std::size_t NbdSession::fill_iovecs(std::vector<iovec>& iov) {
         break;
       }
       case OutItem::Kind::Extent: {
+        // READ data straight from the data area, while it is ours to read
+        // (docs/design.md §5, "A lost channel"): output waits here until
+        // the bytes are back, and the connection ends if they cannot be.
+        const ChannelEngine::DataState state = engine_->data_state(item.slot);
+        if (state == ChannelEngine::DataState::Lost) output_data_lost_ = true;
+        if (state != ChannelEngine::DataState::Ready) return total;
         std::byte* base = engine_->extent(item.slot);
         iov.push_back({base + item.extent_offset + item.sent, left});
         break;
@@ -879,6 +885,13 @@ bool NbdSession::flush_output() {
   blocked_on_write_ = false;
   while (!output_.empty()) {
     const std::size_t want = fill_iovecs(iov_);
+    if (output_data_lost_) {
+      log(LogLevel::Warning, "nbd: the data of a READ could not be read again after its channel was lost; "
+          "ending the connection");
+      close("READ data lost with its channel");
+      return true;
+    }
+    if (want == 0) break;  // the next item's data is not back yet (not a full socket)
     ssize_t n;
     if (out_is_socket_) {
       msghdr message{};

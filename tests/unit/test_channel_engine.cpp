@@ -24,8 +24,9 @@ namespace {
 // The handler side of channel 0, driven by the test.
 class ScriptedHandler {
  public:
-  ScriptedHandler(const Transport& transport, std::uint64_t epoch)
-      : channel_(transport, 0), epoch_(epoch), sq_(channel_.submission_consumer()), cq_(channel_.completion_producer()) {}
+  ScriptedHandler(const Transport& transport, std::uint64_t epoch, std::uint32_t channel = 0)
+      : channel_(transport, channel), epoch_(epoch), sq_(channel_.submission_consumer()),
+        cq_(channel_.completion_producer()) {}
 
   // Step 2 of the attach protocol for whatever generation the queue published.
   std::uint64_t attach() {
@@ -360,4 +361,74 @@ TEST_CASE("engine: a lost channel's data area is never written; failures not yet
   CHECK(done[0].owner == 2);
   CHECK(done[0].status == EIO);
   CHECK(replacement.writable_extent(receiving) != nullptr);  // its payload goes on here
+}
+
+TEST_CASE("engine: a READ result not sent when the channel is lost runs again; its owner gets no second completion") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  const std::uint64_t generation = f.set_up(handler);
+  std::vector<std::uint32_t> slots;
+  for (std::uint64_t owner = 1; owner <= 3; ++owner) slots.push_back(f.publish_one(Op::Read, owner * 4096, 4096, owner));
+  for (const SubmissionEntry& e : handler.take_all()) handler.complete(e.tag, static_cast<std::uint32_t>(generation), 0, 4096);
+  REQUIRE(f.reap().size() == 3);
+  for (std::uint32_t slot : slots) CHECK(f.engine->data_state(slot) == ChannelEngine::DataState::Ready);
+
+  // Lost: nothing of the old area may be sent any more.
+  ChannelControl& control = f.transport.channel_control(0);
+  REQUIRE(reclaim(control.header, f.claimed_word));
+  REQUIRE(try_claim(control.header, 3));
+  for (std::uint32_t slot : slots) CHECK(f.engine->data_state(slot) == ChannelEngine::DataState::Pending);
+
+  auto word = try_claim(f.transport.channel_control(1).header, kNoSlot);
+  REQUIRE(word);
+  ChannelEngine replacement(f.transport, SlotClaim(&f.transport.channel_control(1).header, 1, *word));
+  replacement.adopt_outstanding(*f.engine);
+  CHECK(replacement.outstanding() == 3);  // three reads to run again
+  // The first owner lets go of its entry meanwhile (its connection closed).
+  replacement.release(slots[0]);
+  ScriptedHandler second(f.transport, 1, 1);
+  REQUIRE(replacement.begin_setup(Binding{0, 0, 1}));
+  const std::uint64_t second_generation = second.attach();
+  REQUIRE(replacement.poll_attached());
+  const auto again = second.take_all();
+  REQUIRE(again.size() == 3);
+  for (const SubmissionEntry& e : again) {
+    CHECK(static_cast<Op>(e.op) == Op::Read);
+    // The second read fails: its data can never be delivered.
+    const bool fail = (e.tag & 0xfffff) == slots[1];  // the tag's low bits are the slot
+    second.complete(e.tag, static_cast<std::uint32_t>(second_generation), fail ? EIO : 0, fail ? 0 : 4096);
+  }
+  std::vector<EngineCompletion> done;
+  replacement.reap([&](const EngineCompletion& c) { done.push_back(c); });
+  CHECK(done.empty());  // every owner had its completion already
+  CHECK(replacement.outstanding() == 0);
+  CHECK(replacement.data_state(slots[1]) == ChannelEngine::DataState::Lost);
+  CHECK(replacement.data_state(slots[2]) == ChannelEngine::DataState::Ready);
+  replacement.release(slots[1]);
+  replacement.release(slots[2]);
+  CHECK(replacement.free_entries() == replacement.capacity());  // the first one was freed when its read ended
+}
+
+TEST_CASE("engine: a refill that the engine fails (backend gone) loses the data without a second completion") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  const std::uint64_t generation = f.set_up(handler);
+  const std::uint32_t slot = f.publish_one(Op::Read, 0, 4096, 1);
+  for (const SubmissionEntry& e : handler.take_all()) handler.complete(e.tag, static_cast<std::uint32_t>(generation), 0, 4096);
+  REQUIRE(f.reap().size() == 1);
+  ChannelControl& control = f.transport.channel_control(0);
+  REQUIRE(reclaim(control.header, f.claimed_word));
+  REQUIRE(try_claim(control.header, 3));
+  REQUIRE_FALSE(f.engine->still_ours());
+  auto word = try_claim(f.transport.channel_control(1).header, kNoSlot);
+  REQUIRE(word);
+  ChannelEngine replacement(f.transport, SlotClaim(&f.transport.channel_control(1).header, 1, *word));
+  replacement.adopt_outstanding(*f.engine);
+  CHECK(replacement.data_state(slot) == ChannelEngine::DataState::Pending);
+  replacement.fail_outstanding(EIO);
+  std::vector<EngineCompletion> done;
+  replacement.reap([&](const EngineCompletion& c) { done.push_back(c); });
+  CHECK(done.empty());
+  CHECK(replacement.data_state(slot) == ChannelEngine::DataState::Lost);
+  CHECK(replacement.outstanding() == 0);
 }

@@ -785,6 +785,76 @@ TEST_CASE("session isolation: a client that takes no reply bytes is dropped afte
   CHECK(h.run_until([&] { return h.engine_idle(); }));  // the dropped client's extents are back
 }
 
+TEST_CASE("session: a READ completed but not sent when the channel is lost is read again, never sent from the lost area") {
+  // This proxy was paused past dead-after with READ replies still queued
+  // (the client was slow): the channel was reclaimed and claimed by another
+  // compute node, which fills the data area with its own bytes.  When this
+  // proxy resumes, no byte of that area may reach its client; the READs
+  // run again on the replacement channel and the client gets the disk's data.
+  Harness h;
+  Client& c = h.connect(h.info(), false);
+  c.reading = false;
+  // More than the socket buffer and the connection's share of the data
+  // area hold: replies wait in the output queue, straight from their extents.
+  constexpr std::uint32_t kReads = 32, kLength = 16384;
+  for (std::uint32_t i = 0; i < kReads; ++i) c.request(nbd::kCmdRead, 10 + i, i * kLength, kLength);
+  REQUIRE(h.run_until([&] { return c.session->wants_write() && h.engine->in_flight() == 0; }));
+  h.turns(5);
+  REQUIRE(c.session->wants_write());  // replies wait in its output queue
+
+  // Reclaimed and claimed by another node, which writes its own data.
+  ChannelControl& control = h.transport.channel_control(0);
+  REQUIRE(reclaim(control.header, load_acquire(control.header.state)));
+  REQUIRE(try_claim(control.header, 3));
+  Channel theirs(h.transport, 0);
+  std::memset(theirs.data(0, theirs.data_size()), 0xbb, theirs.data_size());
+
+  // The proxy resumes and the client reads: only what was on the socket
+  // before the loss arrives, nothing from the lost area.
+  c.poll();
+  const std::size_t before_loss = c.received.size();
+  for (int i = 0; i < 20; ++i) {
+    c.session->flush_output();
+    c.poll();
+  }
+  CHECK(c.received.size() == before_loss);
+  CHECK_FALSE(c.session->closed());
+
+  // The watcher moves the entries to a fresh channel with its own handler.
+  auto word = try_claim(h.transport.channel_control(1).header, kNoSlot);
+  REQUIRE(word);
+  auto replacement =
+      std::make_unique<ChannelEngine>(h.transport, SlotClaim(&h.transport.channel_control(1).header, 1, *word));
+  replacement->adopt_outstanding(*h.engine);
+  DiskHandler second(h.transport, 1, h.handler.disk.size());
+  second.disk = h.handler.disk;
+  REQUIRE(replacement->begin_setup(Binding{0, 0, 1}));
+  second.attach();
+  REQUIRE(replacement->poll_attached());
+  h.engine = std::move(replacement);  // what the queue loop's Replace does
+
+  const std::size_t all = kReads * (nbd::kSimpleReplySize + kLength);
+  const auto deadline = Clock::now() + 5000ms;
+  while (c.received.size() < all && Clock::now() < deadline) {
+    if (c.session->wants_read() || c.session->intake_stalled()) c.session->pump_input();
+    h.engine->publish();
+    second.take();
+    second.answer_all();
+    h.engine->reap(NbdSession::dispatch);
+    c.session->flush_output();
+    c.poll();
+  }
+  REQUIRE(c.received.size() == all);
+  CHECK_FALSE(c.session->closed());
+  for (std::uint32_t i = 0; i < kReads; ++i) {
+    auto reply = parse_simple(c.pop(nbd::kSimpleReplySize));
+    CHECK(reply.error == 0);
+    REQUIRE(reply.cookie >= 10);
+    CHECK(c.pop(kLength) == h.disk((reply.cookie - 10) * kLength, kLength));
+  }
+  CHECK(h.engine->outstanding() == 0);
+}
+
 TEST_CASE("session: after DISC the replies in flight still go out, then the connection closes") {
   Harness h;
   h.auto_answer = false;
