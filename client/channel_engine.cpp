@@ -147,7 +147,10 @@ bool ChannelEngine::stage(std::uint32_t slot) {
   // subset of the table, which is no larger than either ring.  A consumer
   // index that lies (corrupt control block) can still refuse: the entry then
   // waits for the set-up that a broken or stalled channel triggers.
-  if (!submissions_.stage(entry.submission)) return false;
+  if (!submissions_.stage(entry.submission)) {
+    if (std::find(refused_.begin(), refused_.end(), slot) == refused_.end()) refused_.push_back(slot);
+    return false;
+  }
   entry.state = State::Pushed;
   ++entry.generations;
   if (entry.generations > 1) entry.quarantine_extent = true;
@@ -161,6 +164,17 @@ bool ChannelEngine::stage(std::uint32_t slot) {
 }
 
 void ChannelEngine::publish() {
+  if (!refused_.empty() && attached_ && !setting_up_) {
+    // The ring refused these: try again (an index an old instance stored
+    // once is soon overwritten by the live handler).  Bounded by the table.
+    std::vector<std::uint32_t> retry;
+    retry.swap(refused_);
+    for (std::size_t i = 0; i < retry.size(); ++i) {
+      if (entries_[retry[i]].state != State::Waiting || stage(retry[i])) continue;
+      refused_.insert(refused_.end(), retry.begin() + static_cast<std::ptrdiff_t>(i) + 1, retry.end());
+      break;  // refused again (stage() kept it): the rest waits too
+    }
+  }
   if (staged_ == 0) return;
   if (!still_ours()) return;
   submissions_.publish();
@@ -220,6 +234,7 @@ bool ChannelEngine::accept(const CompletionEntry& completion, std::uint32_t& slo
     entry.state = State::Waiting;
     entry.quarantine_extent = true;
     --in_flight_;
+    handed_back_ = true;
     return false;
   }
   if (entry.refill) {
@@ -303,6 +318,8 @@ bool ChannelEngine::begin_setup(std::optional<Binding> binding) {
       --in_flight_;
     }
   staged_ = 0;
+  refused_.clear();  // pushed with every other Waiting entry at the attach
+  handed_back_ = false;
   submissions_.reset();
   completions_.reset();
   // The wake socket goes to the backend before the generation is out, so a

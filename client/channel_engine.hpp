@@ -147,6 +147,12 @@ class ChannelEngine {
   // True when the completion ring's producer index has been impossible
   // since the last reap (a corrupt control block; the caller sets up again).
   bool ring_broken() const { return broken_; }
+  // True when an entry waits outside the ring while attached: the ring
+  // refused it (a consumer index that lies; publish() tries it again), or a
+  // stopping handler handed it back (ESHUTDOWN; only a set-up pushes it).
+  // Until the next begin_setup().  The queue loop counts such entries as in
+  // flight for its stall timeout: nothing else would end their wait.
+  bool parked() const { return !refused_.empty() || handed_back_; }
   Clock::time_point last_progress() const { return last_progress_; }
 
   // Moves every outstanding entry of `old` (whose channel was lost) into the
@@ -227,6 +233,8 @@ class ChannelEngine {
   bool setting_up_ = false;
   bool lost_ = false;
   bool broken_ = false;
+  std::vector<std::uint32_t> refused_;  // Waiting slots the ring refused, in order
+  bool handed_back_ = false;            // an ESHUTDOWN put an entry back to Waiting
   int failing_ = 0;
   std::chrono::milliseconds quarantine_{4000};
   Clock::time_point last_progress_ = Clock::now();

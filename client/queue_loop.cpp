@@ -455,7 +455,7 @@ void QueueLoop::arm_peer_wake() {
 
 void QueueLoop::check_stall(Clock::time_point now) {
   ChannelEngine& engine = *engine_;
-  if (!engine.attached() || engine.in_flight() == 0) {
+  if (!engine.attached() || (engine.in_flight() == 0 && !engine.parked())) {
     progress_at_ = now;
     broken_since_ = {};
     return;
@@ -472,10 +472,11 @@ void QueueLoop::check_stall(Clock::time_point now) {
   static RateLimit stall_log(std::chrono::seconds(10));
   if (stall_log.allow())
     log(LogLevel::Warning,
-        "channel %u: %s with %zu entries in flight; setting the channel up again and re-driving them", engine.index(),
+        "channel %u: %s with %zu entries in flight%s; setting the channel up again and re-driving them",
+        engine.index(),
         broken ? "the completion ring's producer index is impossible (corrupt control block)"
                : "no completion for too long",
-        engine.in_flight());
+        engine.in_flight(), engine.parked() ? " and some waiting outside the ring" : "");
   if (!engine.begin_setup()) lost_.store(true);
   progress_at_ = now;
   broken_since_ = {};

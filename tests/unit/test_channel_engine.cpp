@@ -287,6 +287,7 @@ TEST_CASE("engine: ESHUTDOWN from a backend stopping cleanly holds the entry for
   handler.complete(taken[0].tag, static_cast<std::uint32_t>(generation), ESHUTDOWN);
   CHECK(f.reap().empty());  // held, not failed
   CHECK(f.engine->outstanding() == 1);
+  CHECK(f.engine->parked());  // the stall check sets the channel up again if nothing else does
   generation = f.set_up(handler, 2);  // the backend returns
   taken = handler.take_all();
   REQUIRE(taken.size() == 1);
@@ -431,4 +432,62 @@ TEST_CASE("engine: a refill that the engine fails (backend gone) loses the data 
   CHECK(done.empty());
   CHECK(replacement.data_state(slot) == ChannelEngine::DataState::Lost);
   CHECK(replacement.outstanding() == 0);
+}
+
+TEST_CASE("engine: an entry the ring refuses while attached is parked, tried again at publish, pushed at a set-up") {
+  EngineFixture f;
+  ScriptedHandler handler(f.transport, 1);
+  std::uint64_t generation = f.set_up(handler);
+  RingIndex& tail = f.transport.channel_control(0).sq_tail;
+  // Once round the ring, so that the next entry makes the producer look at
+  // the consumer index again; then a paused former handler instance wakes
+  // and stores its stale index.
+  const auto go_round_then_lie = [&] {
+    const std::uint32_t ring = f.transport.superblock().channel.sq_entries;
+    for (std::uint32_t i = 0; i < ring; ++i) {
+      f.publish_one(Op::Flush, 0, 0, 100 + i);
+      for (const SubmissionEntry& e : handler.take_all()) handler.complete(e.tag, static_cast<std::uint32_t>(generation));
+      for (const EngineCompletion& c : f.reap()) f.engine->release(c.slot);
+    }
+    const std::uint32_t true_tail = load_acquire(tail.value);
+    store_release(tail.value, true_tail - 1000u);
+    return true_tail;
+  };
+  const std::uint32_t true_tail = go_round_then_lie();
+  CHECK_FALSE(f.engine->parked());
+  const std::uint32_t first = f.publish_one(Op::Read, 0, 4096, 1);
+  const std::uint32_t second = f.publish_one(Op::Read, 4096, 4096, 2);
+  CHECK(f.engine->parked());
+  CHECK(f.engine->in_flight() == 0);
+  CHECK(f.engine->outstanding() == 2);
+  f.engine->publish();  // still refused: both stay parked, neither is lost
+  CHECK(f.engine->parked());
+  CHECK(handler.take_all().empty());
+  // The live handler's next release overwrites the lie: the next publish
+  // pushes both, in order, once.
+  store_release(tail.value, true_tail);
+  f.engine->publish();
+  CHECK_FALSE(f.engine->parked());
+  auto taken = handler.take_all();
+  REQUIRE(taken.size() == 2);
+  CHECK((taken[0].tag & 0xfffff) == first);
+  CHECK((taken[1].tag & 0xfffff) == second);
+  for (const SubmissionEntry& e : taken) handler.complete(e.tag, static_cast<std::uint32_t>(generation), 0, 4096);
+  for (const EngineCompletion& c : f.reap()) f.engine->release(c.slot);
+
+  // A lie that lasts: the set-up the queue loop's stall check starts
+  // pushes the entry, once.
+  generation = f.set_up(handler, 2);  // (indices from 0 again)
+  go_round_then_lie();
+  const std::uint32_t slot = f.publish_one(Op::Read, 0, 4096, 3);
+  REQUIRE(f.engine->parked());
+  generation = f.set_up(handler, 3);
+  CHECK_FALSE(f.engine->parked());
+  taken = handler.take_all();
+  REQUIRE(taken.size() == 1);
+  CHECK((taken[0].tag & 0xfffff) == slot);
+  handler.complete(taken[0].tag, static_cast<std::uint32_t>(generation), 0, 4096);
+  const auto done = f.reap();
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].owner == 3);
 }
