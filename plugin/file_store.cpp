@@ -310,7 +310,10 @@ class UringQueue final : public StoreQueue {
 
   void submit() override {
     if (abandoned_) return;
-    slices_.step(store_, finished_);
+    if (!sliced_since_reap_) {
+      sliced_since_reap_ = true;
+      slices_.step(store_, finished_, [this](std::uint64_t user_data) { return may_start(user_data); });
+    }
     if (unsubmitted_ == 0) return;
     int result = io_uring_submit(&ring_);
     if (result >= 0) {
@@ -338,6 +341,7 @@ class UringQueue final : public StoreQueue {
   // makes only while its slot is still ours.
   void reap(std::vector<StoreCompletion>& out, bool wait) override {
     in_place_bytes_ = 0;
+    sliced_since_reap_ = false;
     io_uring_cqe* cqe = nullptr;
     while (io_uring_peek_cqe(&ring_, &cqe) == 0 && cqe) {
       handle(cqe);
@@ -457,6 +461,12 @@ class UringQueue final : public StoreQueue {
     io_uring_cqe_seen(&ring_, cqe);
     if (index >= slots_.size()) return;  // not ours; cannot happen
     Slot& slot = slots_[index];
+    if ((result == -EINTR || result == -EAGAIN || (result > 0 && slot.done + static_cast<std::uint64_t>(result) <
+                                                                   slot.request.length)) &&
+        !may_start(slot.request.user_data)) {
+      finish(index, ECANCELED);  // more to do, for a channel that no longer wants it
+      return;
+    }
     if (result == -EINTR || result == -EAGAIN) {
       prepare(index);
       return;
@@ -502,6 +512,7 @@ class UringQueue final : public StoreQueue {
   std::vector<unsigned> free_slots_;
   std::vector<StoreCompletion> finished_;
   RangeOpSlicer slices_;          // trims and zeros, a slice per submit()
+  bool sliced_since_reap_ = false;  // one slice per reap(), however often submit() runs
   unsigned in_flight_ = 0;        // enqueued, not yet reaped
   unsigned async_in_flight_ = 0;  // in the kernel
   unsigned unsubmitted_ = 0;

@@ -70,6 +70,10 @@ class InFlightTable {
   // Removes and returns the request; a channel of nullptr for an index that
   // is not in flight.
   InFlight take(std::uint64_t index);
+  // The request at `index`, or nullptr when none is in flight there.
+  const InFlight* peek(std::uint64_t index) const {
+    return index < entries_.size() && busy_[index] ? &entries_[index] : nullptr;
+  }
 
  private:
   std::vector<InFlight> entries_;
@@ -89,6 +93,10 @@ class ChannelHandler {
   std::uint32_t index() const { return channel_.index(); }
   const Channel& channel() const { return channel_; }
   bool serving() const { return serving_; }
+  // True while this channel still serves `generation` for us (fence and
+  // generation checked, as before any write to the channel): a store
+  // request taken in that generation is still wanted.
+  bool serves(std::uint64_t generation) { return serving_ && generation == generation_ && still_ours(); }
   // The generation we last attached to (0: never).
   std::uint64_t generation() const { return generation_; }
   // Store requests of this channel not yet finished (any generation).

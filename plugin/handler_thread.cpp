@@ -207,8 +207,17 @@ void HandlerThread::run() {
   // Signals are for nbdkit's main thread.
   block_async_signals();
 
-  std::unique_ptr<StoreQueue> queue = context_.store.open_queue(context_.queue_depth);
+  // The table outlives the queue: the queue's teardown still asks about
+  // requests in the kernel (start check below).
   InFlightTable table(context_.queue_depth);
+  std::unique_ptr<StoreQueue> queue = context_.store.open_queue(context_.queue_depth);
+  // A later part of a request (a trim or zero slice, a short transfer's
+  // remainder) starts only while its channel still serves the generation it
+  // was taken in (docs/design.md §4).
+  queue->set_start_check([&table](std::uint64_t user_data) {
+    const InFlight* request = table.peek(user_data);
+    return request && request->channel && request->channel->serves(request->generation);
+  });
   AdaptivePoller poller(context_.poll);
   DoorbellWaiter waiter(doorbell_word());
   std::vector<StoreCompletion> completions;

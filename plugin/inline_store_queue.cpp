@@ -16,7 +16,9 @@ void InlineStoreQueue::enqueue(const StoreRequest& request) {
 }
 
 void InlineStoreQueue::submit() {
-  if (!abandoned_) slices_.step(store_, finished_);
+  if (abandoned_ || sliced_since_reap_) return;
+  sliced_since_reap_ = true;
+  slices_.step(store_, finished_, [this](std::uint64_t user_data) { return may_start(user_data); });
 }
 
 void InlineStoreQueue::abandon_unstarted() {
@@ -25,6 +27,7 @@ void InlineStoreQueue::abandon_unstarted() {
 }
 
 void InlineStoreQueue::reap(std::vector<StoreCompletion>& out, bool /*wait: nothing is ever in the kernel*/) {
+  sliced_since_reap_ = false;
   out.insert(out.end(), finished_.begin(), finished_.end());
   finished_.clear();
 }

@@ -28,6 +28,7 @@ class InlineStoreQueue final : public StoreQueue {
   unsigned depth_;
   std::vector<StoreCompletion> finished_;
   RangeOpSlicer slices_;
+  bool sliced_since_reap_ = false;  // one slice per reap(), however often submit() runs
   bool abandoned_ = false;  // abandon_unstarted(): nothing runs any more
 };
 

@@ -5,7 +5,7 @@
 
 namespace cbd::backend {
 
-void RangeOpSlicer::step(Store& store, std::vector<StoreCompletion>& out) {
+void RangeOpSlicer::run_slice(Store& store, std::vector<StoreCompletion>& out) {
   if (pending_.empty()) return;
   Pending& op = pending_.front();
   const StoreRequest& r = op.request;
@@ -15,12 +15,16 @@ void RangeOpSlicer::step(Store& store, std::vector<StoreCompletion>& out) {
     // last can be unaligned, as they would be for the whole range.
     const std::uint64_t at = r.offset + op.done;
     const std::uint64_t end = std::min(r.offset + r.length, (at / kRangeOpSlice + 1) * kRangeOpSlice);
-    error = r.op == StoreOp::Trim ? store.trim(at, end - at, false)
-                                  : store.zero(at, end - at, r.no_hole, r.fast_zero, false);
+    // FUA makes the whole range durable: one flush after the last slice
+    // does that for a store that can flush; one that cannot (a plugin below
+    // the filter with native FUA only) gets FUA on every slice.
+    const bool fua = r.fua && !store.info().can_flush;
+    error = r.op == StoreOp::Trim ? store.trim(at, end - at, fua)
+                                  : store.zero(at, end - at, r.no_hole, r.fast_zero, fua);
     op.done += end - at;
   }
   if (error == 0 && op.done < r.length) return;
-  if (error == 0 && r.fua) error = store.flush();
+  if (error == 0 && r.fua && store.info().can_flush) error = store.flush();
   out.push_back({r.user_data, error});
   pending_.pop_front();
 }

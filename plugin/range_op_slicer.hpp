@@ -7,6 +7,7 @@
 // channels between two slices (docs/design.md §4).
 #pragma once
 
+#include <cerrno>
 #include <cstdint>
 #include <deque>
 #include <vector>
@@ -29,14 +30,26 @@ class RangeOpSlicer {
   bool empty() const { return pending_.empty(); }
 
   // Runs one slice of the oldest operation; appends it to `out` once it is
-  // done or failed (a FUA one flushes after its last slice).
-  void step(Store& store, std::vector<StoreCompletion>& out);
+  // done or failed (a FUA one flushes after its last slice, or carries FUA
+  // on every slice where the store cannot flush).  Operations
+  // that `wanted(user_data)` says nobody waits for any more end with
+  // ECANCELED, their remaining slices unrun.
+  template <typename Wanted>
+  void step(Store& store, std::vector<StoreCompletion>& out, Wanted&& wanted) {
+    while (!pending_.empty() && !wanted(pending_.front().request.user_data)) {
+      out.push_back({pending_.front().request.user_data, ECANCELED});
+      pending_.pop_front();
+    }
+    run_slice(store, out);
+  }
   // The slot was lost: what has not finished never runs another slice and
   // ends with ECANCELED (the slices already run stay done, as for any I/O
   // that reached the store before the loss).
   void abandon(std::vector<StoreCompletion>& out);
 
  private:
+  void run_slice(Store& store, std::vector<StoreCompletion>& out);
+
   struct Pending {
     StoreRequest request;
     std::uint64_t done;  // bytes of the range handled so far

@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -80,11 +81,19 @@ class StoreQueue {
   virtual void enqueue(const StoreRequest& request) = 0;
   // Starts everything queued since the last submit (one system call for a
   // batch), and runs one slice of a pending trim or zero
-  // (range_op_slicer.hpp).
+  // (range_op_slicer.hpp) — one per reap(), however often it is called.
   virtual void submit() = 0;
   // True while submit() has slices left to run: the caller keeps calling it
   // (it is work) even when nothing new arrives.
   virtual bool slicing() const { return false; }
+  // Asked before a request that was taken earlier starts another part — a
+  // slice of a trim or zero, the remainder of a short transfer — with its
+  // user_data: false when nobody waits for it any more (its channel was
+  // detached or set up again, docs/design.md §4), and it then ends with
+  // ECANCELED unrun.  Unset: every part runs.
+  using StartCheck = std::function<bool(std::uint64_t user_data)>;
+  void set_start_check(StartCheck check) { start_check_ = std::move(check); }
+
   // Appends finished requests to `out`.  With `wait`, blocks until at least
   // one finishes when some are in the kernel.  Never starts a request: what
   // it prepares (a short transfer's remainder) waits for the next submit(),
@@ -97,6 +106,12 @@ class StoreQueue {
   // ECANCELED at the next reap(), and nothing is ever started again.  Only
   // requests already started (in the kernel) complete as usual.
   virtual void abandon_unstarted() {}
+
+ protected:
+  bool may_start(std::uint64_t user_data) const { return !start_check_ || start_check_(user_data); }
+
+ private:
+  StartCheck start_check_;
 };
 
 class Store {

@@ -1494,13 +1494,71 @@ TEST_CASE("file store queue: a long zero runs a slice per submit, and the reques
   check_zero_runs_in_slices(*store, *queue);
 }
 
+TEST_CASE("file store queue: a later part of a request its channel no longer wants never starts") {
+  bool wanted = true;
+  const auto check = [&wanted](std::uint64_t) { return wanted; };
+
+  // A zero over two slices: the first runs, then its channel is detached.
+  BackingFile file("/dev/shm", 2 * kRangeOpSlice);
+  auto store = file_store(file);
+  const Bytes pattern(kRangeOpSlice, std::byte{0x5a});
+  for (std::uint64_t i = 0; i < 2; ++i) file.write(i * kRangeOpSlice, pattern);
+  auto queue = store->open_queue(8);
+  queue->set_start_check(check);
+  StoreRequest zero;
+  zero.op = StoreOp::Zero;
+  zero.no_hole = true;
+  zero.length = 2 * kRangeOpSlice;
+  zero.user_data = 1;
+  queue->enqueue(zero);
+  queue->submit();
+  std::vector<StoreCompletion> done;
+  queue->reap(done, false);
+  REQUIRE(done.empty());
+  wanted = false;
+  queue->submit();
+  queue->reap(done, false);
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].error == ECANCELED);
+  CHECK_FALSE(queue->slicing());
+  CHECK(file.read(0, kRangeOpSlice) == Bytes(kRangeOpSlice, std::byte{0}));
+  CHECK(file.read(kRangeOpSlice, kRangeOpSlice) == pattern);
+
+  // A short transfer's remainder, likewise (O_DIRECT keeps it in io_uring).
+  wanted = true;
+  BackingFile short_file("/var/tmp", 8192 + 1024);
+  FileStoreOptions options;
+  options.path = short_file.path();
+  options.direct = true;
+  FileStore direct(options);
+  auto direct_queue = direct.open_queue(8);
+  direct_queue->set_start_check(check);
+  void* memory = nullptr;
+  REQUIRE(::posix_memalign(&memory, 4096, 4096) == 0);
+  std::unique_ptr<void, decltype(&std::free)> owned(memory, &std::free);
+  StoreRequest read;
+  read.op = StoreOp::Read;
+  read.offset = 8192;
+  read.length = 4096;
+  read.buffer = static_cast<std::byte*>(memory);
+  read.user_data = 2;
+  direct_queue->enqueue(read);
+  direct_queue->submit();
+  wanted = false;  // detached while the first part is in the kernel
+  done.clear();
+  for (int i = 0; i < 100 && done.empty(); ++i) direct_queue->reap(done, true);
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].user_data == 2);
+  CHECK(done[0].error == ECANCELED);
+}
+
 TEST_CASE("inline store queue: a long zero runs a slice per submit, and the requests behind it do not wait for it") {
   MemoryStore store(4 * kRangeOpSlice + MemoryStore::kPageSize);
   InlineStoreQueue queue(store, 8);
   check_zero_runs_in_slices(store, queue);
 }
 
-TEST_CASE("range op slicer: slices end on slice boundaries; a trim with FUA flushes once, after its last slice") {
+TEST_CASE("range op slicer: slices end on slice boundaries; FUA flushes once at the end (or rides every slice); unwanted ops end unrun") {
   // Records what the slicer asks of the store.
   class Recorder final : public Store {
    public:
@@ -1512,20 +1570,20 @@ TEST_CASE("range op slicer: slices end on slice boundaries; a trim with FUA flus
       return 0;
     }
     int trim(std::uint64_t offset, std::uint64_t length, bool fua) override {
-      CHECK_FALSE(fua);
-      calls.push_back({offset, length, false});
+      calls.push_back({offset, length, fua});
       return 0;
     }
-    int zero(std::uint64_t offset, std::uint64_t length, bool, bool, bool) override {
-      calls.push_back({offset, length, false});
+    void can_flush(bool can) { info_.can_flush = can; }
+    int zero(std::uint64_t offset, std::uint64_t length, bool, bool, bool fua) override {
+      calls.push_back({offset, length, fua});
       return offset >= 2 * kRangeOpSlice ? ENOSPC : 0;
     }
     int extents(std::uint64_t, std::uint64_t, bool, ExtentSink&) override { return EIO; }
     int cache(std::uint64_t, std::uint64_t) override { return 0; }
     struct Call {
       std::uint64_t offset, length;
-      bool flush;
-      bool operator==(const Call& o) const { return offset == o.offset && length == o.length && flush == o.flush; }
+      bool flag;  // FUA on a trim or zero; true for a flush (offset and length 0)
+      bool operator==(const Call& o) const { return offset == o.offset && length == o.length && flag == o.flag; }
     };
     std::vector<Call> calls;
 
@@ -1533,6 +1591,7 @@ TEST_CASE("range op slicer: slices end on slice boundaries; a trim with FUA flus
     StoreInfo info_;
   } store;
   RangeOpSlicer slicer;
+  const auto everything = [](std::uint64_t) { return true; };
   StoreRequest trim;
   trim.op = StoreOp::Trim;
   trim.fua = true;
@@ -1541,7 +1600,7 @@ TEST_CASE("range op slicer: slices end on slice boundaries; a trim with FUA flus
   trim.user_data = 7;
   slicer.add(trim);
   std::vector<StoreCompletion> done;
-  for (int i = 0; i < 10 && !slicer.empty(); ++i) slicer.step(store, done);
+  for (int i = 0; i < 10 && !slicer.empty(); ++i) slicer.step(store, done, everything);
   using Call = Recorder::Call;
   CHECK(store.calls == std::vector<Call>{{kRangeOpSlice - 512, 512, false},
                                           {kRangeOpSlice, kRangeOpSlice, false},
@@ -1559,11 +1618,36 @@ TEST_CASE("range op slicer: slices end on slice boundaries; a trim with FUA flus
   zero.length = 4 * kRangeOpSlice;
   zero.user_data = 8;
   slicer.add(zero);
-  for (int i = 0; i < 10 && !slicer.empty(); ++i) slicer.step(store, done);
+  for (int i = 0; i < 10 && !slicer.empty(); ++i) slicer.step(store, done, everything);
   CHECK(store.calls.size() == 2);
   REQUIRE(done.size() == 1);
   CHECK(done[0].user_data == 8);
   CHECK(done[0].error == ENOSPC);
+
+  // A store that cannot flush gets FUA on every slice instead.
+  store.can_flush(false);
+  store.calls.clear();
+  done.clear();
+  slicer.add(trim);
+  for (int i = 0; i < 10 && !slicer.empty(); ++i) slicer.step(store, done, everything);
+  CHECK(store.calls == std::vector<Call>{{kRangeOpSlice - 512, 512, true},
+                                          {kRangeOpSlice, kRangeOpSlice, true},
+                                          {2 * kRangeOpSlice, 512, true}});
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].error == 0);
+
+  // One nobody waits for any more ends unrun, and the next one runs.
+  store.calls.clear();
+  done.clear();
+  slicer.add(zero);
+  trim.user_data = 9;
+  slicer.add(trim);
+  slicer.step(store, done, [](std::uint64_t user_data) { return user_data != 8; });
+  REQUIRE(done.size() == 1);
+  CHECK(done[0].user_data == 8);
+  CHECK(done[0].error == ECANCELED);
+  REQUIRE(store.calls.size() == 1);
+  CHECK(store.calls[0].offset == kRangeOpSlice - 512);  // the trim's first slice
 }
 
 TEST_CASE("inline store queue: after the slot is lost, nothing reaches the store") {
