@@ -108,7 +108,10 @@ std::byte* ChannelEngine::extent(std::uint32_t slot) const {
 ChannelEngine::DataState ChannelEngine::data_state(std::uint32_t slot) {
   const Entry& entry = entries_[slot];
   if (entry.data_lost) return DataState::Lost;
-  if (entry.refill || lost_ || !still_ours()) return DataState::Pending;
+  if (entry.refill) return DataState::Pending;  // end_refill() decides
+  // Lost, and nothing will replace it (the engine failed everything): the
+  // data is gone for good.
+  if (lost_ || !still_ours()) return failing_ ? DataState::Lost : DataState::Pending;
   return DataState::Ready;
 }
 
@@ -481,6 +484,7 @@ void ChannelEngine::adopt_outstanding(ChannelEngine& old) {
       } else if (from.submission.op == static_cast<std::uint16_t>(Op::Read) && from.status == 0) {
         to.state = State::Waiting;
         to.refill = true;
+        to.data_lost = false;  // a failed refill moved here gets another chance
         ++outstanding_;
       } else {
         to.data_lost = true;  // nothing to read again: its owner ends what it promised

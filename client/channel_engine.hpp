@@ -106,7 +106,8 @@ class ChannelEngine {
   // now — the channel is not ours any more (its data area belongs to
   // whoever claimed it), or the data is being read again after the channel
   // was lost (adopt_outstanding()); ask again later.  Lost: it could not be
-  // read again; what was promised cannot be delivered.
+  // read again, or the channel is lost and the engine failed everything
+  // (nothing will replace it); what was promised cannot be delivered.
   enum class DataState { Ready, Pending, Lost };
   DataState data_state(std::uint32_t slot);
   // The same, to write into (a WRITE payload): nullptr once the channel is

@@ -617,6 +617,10 @@ void NbdSession::advance_read(Request& request) {
     for (std::uint32_t i = 0; i < request.pieces.size(); ++i) {
       Piece& piece = request.pieces[i];
       if (!piece.completed || piece.released) continue;
+      // Data being read again after its channel was lost (or in a channel
+      // not ours now) is not copied: the piece keeps its extent and goes
+      // out from it when this stream's turn comes (fill_iovecs waits).
+      if (piece.status == 0 && engine_->data_state(piece.slot) != ChannelEngine::DataState::Ready) continue;
       if (piece.status == 0) {
         if (request.copies.size() < request.pieces.size()) request.copies.resize(request.pieces.size());
         const auto* data = reinterpret_cast<const std::uint8_t*>(engine_->extent(piece.slot));
@@ -888,13 +892,19 @@ bool NbdSession::flush_output() {
   blocked_on_write_ = false;
   while (!output_.empty()) {
     const std::size_t want = fill_iovecs(iov_);
-    if (output_data_lost_) {
-      log(LogLevel::Warning, "nbd: the data of a READ could not be read again after its channel was lost; "
-          "ending the connection");
-      close("READ data lost with its channel");
-      return true;
+    if (want == 0) {
+      if (output_data_lost_) {
+        // What was queued before it went out whole; this reply cannot.
+        log(LogLevel::Warning, "nbd: the data of a READ could not be read again after its channel was lost; "
+            "ending the connection");
+        close("READ data lost with its channel");
+        return true;
+      }
+      // The next item's data is not back yet (not a full socket).
+      if (data_pending_since_ == Clock::time_point{}) data_pending_since_ = Clock::now();
+      break;
     }
-    if (want == 0) break;  // the next item's data is not back yet (not a full socket)
+    data_pending_since_ = {};
     ssize_t n;
     if (out_is_socket_) {
       msghdr message{};
@@ -983,6 +993,11 @@ void NbdSession::tick(Clock::time_point now) {
   if (input_done_ && blocked_on_write_ && write_blocked_since_ != Clock::time_point{} &&
       now - write_blocked_since_ > limits_.drain_timeout) {
     close("client stopped reading after it disconnected");
+    return;
+  }
+  if (data_pending_since_ != Clock::time_point{} && now - data_pending_since_ > limits_.reply_timeout) {
+    // The channel was lost and neither came back nor failed: bounded too.
+    close("READ data not back from a lost channel within reply-timeout");
     return;
   }
   if (blocked_on_write_ && write_blocked_since_ != Clock::time_point{} &&

@@ -203,6 +203,7 @@ class NbdSession {
   std::vector<Request*> waiting_streams_;  // streams that wait for the open one
   bool blocked_on_write_ = false;
   bool output_data_lost_ = false;  // a queued READ's data cannot be delivered (fill_iovecs)
+  Clock::time_point data_pending_since_{};  // output waits for READ data a lost channel holds
   Clock::time_point write_blocked_since_{};  // blocked on a full socket, no byte written since
   std::vector<iovec> iov_;
 

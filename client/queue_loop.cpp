@@ -455,6 +455,8 @@ void QueueLoop::arm_peer_wake() {
 
 void QueueLoop::check_stall(Clock::time_point now) {
   ChannelEngine& engine = *engine_;
+  // Completions the engine consumes itself (refills) are progress too.
+  progress_at_ = std::max(progress_at_, engine.last_progress());
   if (!engine.attached() || (engine.in_flight() == 0 && !engine.parked())) {
     progress_at_ = now;
     broken_since_ = {};
