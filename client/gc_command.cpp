@@ -3,6 +3,7 @@
 #include "client/commands.hpp"
 #include "common/liveness.hpp"
 #include "common/region.hpp"
+#include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
 #include "common/transport.hpp"
 
@@ -46,9 +47,26 @@ int run_gc(const Parameters& p) {
     if (now >= deadline) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(sb.heartbeat_interval_ms / 2 + 1));
   }
+  // A dead channel bound to a backend that is alive (the same epoch) is
+  // left to that backend: its sweep stops its handlers serving the channel
+  // before it reclaims it, which gc cannot (docs/design.md §4).
+  const std::size_t first_backend = transport.host_count();
+  const std::size_t first_channel = first_backend + transport.backend_count() + transport.blkdev_count();
+  const auto left_to_backend = [&](std::size_t i) {
+    if (i < first_channel) return false;
+    const ChannelControl& control = transport.channel_control(static_cast<std::uint32_t>(i - first_channel));
+    const std::uint32_t backend = load_relaxed(control.backend_id);
+    if (backend >= transport.backend_count() || verdict[first_backend + backend] != Liveness::Alive) return false;
+    return epoch_of(load_acquire(transport.backend(backend).header.state)) == load_relaxed(control.backend_epoch);
+  };
   unsigned reclaimed = 0;
   for (std::size_t i = 0; i < slots.size(); ++i) {
     if (verdict[i] != Liveness::Dead) continue;
+    if (left_to_backend(i)) {
+      std::printf("left dead %s %u to its backend %u, which is alive (its sweep reclaims it)\n", slots[i].kind,
+                  slots[i].index, load_relaxed(transport.channel_control(slots[i].index).backend_id));
+      continue;
+    }
     if (reclaim(*slots[i].header, observer.last_word(i))) {
       std::printf("reclaimed dead %s %u\n", slots[i].kind, slots[i].index);
       ++reclaimed;
