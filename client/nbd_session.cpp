@@ -836,6 +836,7 @@ void NbdSession::close_stream() {
 
 std::size_t NbdSession::fill_iovecs(std::vector<iovec>& iov) {
   iov.clear();
+  output_data_lost_ = false;  // decided afresh: a lost item may be refilled since (a Replace)
   std::size_t total = 0;
   for (OutItem& item : output_) {
     if (iov.size() >= kMaxIovecs) break;
