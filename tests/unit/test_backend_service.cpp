@@ -1239,25 +1239,40 @@ TEST_CASE("file store queue: requests not yet started when the slot is lost neve
   CHECK(file.read(65536, 4096) == Bytes(4096, std::byte{0}));
 }
 
+// A 4 KiB O_DIRECT read at 8 KiB of a file 9 KiB long: O_DIRECT keeps it out
+// of the in-place path, and io_uring comes back short at the end of the
+// file, which prepares the remainder.
+struct ShortDirectRead {
+  BackingFile file{"/var/tmp", 8192 + 1024};
+  FileStore store{options(file)};
+  std::unique_ptr<void, decltype(&std::free)> buffer{aligned_page(), &std::free};
+
+  static FileStoreOptions options(const BackingFile& file) {
+    FileStoreOptions o;
+    o.path = file.path();
+    o.direct = true;
+    return o;
+  }
+  static void* aligned_page() {
+    void* memory = nullptr;
+    REQUIRE(::posix_memalign(&memory, 4096, 4096) == 0);
+    return memory;
+  }
+  StoreRequest request(std::uint64_t user_data) {
+    StoreRequest read;
+    read.op = StoreOp::Read;
+    read.offset = 8192;
+    read.length = 4096;
+    read.buffer = static_cast<std::byte*>(buffer.get());
+    read.user_data = user_data;
+    return read;
+  }
+};
+
 TEST_CASE("file store queue: reap() starts nothing; a short transfer's remainder waits for the next fenced submit") {
-  // O_DIRECT keeps the read out of the in-place path: io_uring runs it and
-  // comes back short at the end of the file, which prepares the remainder.
-  BackingFile file("/var/tmp", 8192 + 1024);
-  FileStoreOptions options;
-  options.path = file.path();
-  options.direct = true;
-  FileStore store(options);
-  auto queue = store.open_queue(8);
-  void* memory = nullptr;
-  REQUIRE(::posix_memalign(&memory, 4096, 4096) == 0);
-  std::unique_ptr<void, decltype(&std::free)> owned(memory, &std::free);
-  StoreRequest read;
-  read.op = StoreOp::Read;
-  read.offset = 8192;
-  read.length = 4096;
-  read.buffer = static_cast<std::byte*>(memory);
-  read.user_data = 5;
-  queue->enqueue(read);
+  ShortDirectRead short_read;
+  auto queue = short_read.store.open_queue(8);
+  queue->enqueue(short_read.request(5));
   queue->submit();
   std::vector<StoreCompletion> done;
   // Waits for the short first part; its remainder is prepared, not started.
@@ -1526,23 +1541,10 @@ TEST_CASE("file store queue: a later part of a request its channel no longer wan
 
   // A short transfer's remainder, likewise (O_DIRECT keeps it in io_uring).
   wanted = true;
-  BackingFile short_file("/var/tmp", 8192 + 1024);
-  FileStoreOptions options;
-  options.path = short_file.path();
-  options.direct = true;
-  FileStore direct(options);
-  auto direct_queue = direct.open_queue(8);
+  ShortDirectRead short_read;
+  auto direct_queue = short_read.store.open_queue(8);
   direct_queue->set_start_check(check);
-  void* memory = nullptr;
-  REQUIRE(::posix_memalign(&memory, 4096, 4096) == 0);
-  std::unique_ptr<void, decltype(&std::free)> owned(memory, &std::free);
-  StoreRequest read;
-  read.op = StoreOp::Read;
-  read.offset = 8192;
-  read.length = 4096;
-  read.buffer = static_cast<std::byte*>(memory);
-  read.user_data = 2;
-  direct_queue->enqueue(read);
+  direct_queue->enqueue(short_read.request(2));
   direct_queue->submit();
   wanted = false;  // detached while the first part is in the kernel
   done.clear();
