@@ -306,7 +306,7 @@ class UringQueue final : public StoreQueue {
     prepare(index);
   }
 
-  bool slicing() const override { return !slices_.empty(); }
+  bool wants_another_turn() const override { return !slices_.empty() || !finished_.empty(); }
 
   void submit() override {
     if (abandoned_) return;

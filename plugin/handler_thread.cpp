@@ -12,6 +12,7 @@
 #include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
 #include "common/thread_signals.hpp"
+#include "plugin/store_turn.hpp"
 
 namespace cbd::backend {
 namespace {
@@ -214,10 +215,7 @@ void HandlerThread::run() {
   // A later part of a request (a trim or zero slice, a short transfer's
   // remainder) starts only while its channel still serves the generation it
   // was taken in (docs/design.md §4).
-  queue->set_start_check([&table](std::uint64_t user_data) {
-    const InFlight* request = table.peek(user_data);
-    return request && request->channel && request->channel->serves(request->generation);
-  });
+  check_starts_against(*queue, table);
   AdaptivePoller poller(context_.poll);
   DoorbellWaiter waiter(doorbell_word());
   std::vector<StoreCompletion> completions;
@@ -243,26 +241,7 @@ void HandlerThread::run() {
       any_serving |= handler->serving();
       work += draining ? handler->fail_waiting(ESHUTDOWN) : handler->take_entries(*queue, table, kTakeBudget);
     }
-    // Fenced (docs/design.md §4): requests prepared above reach the kernel
-    // only while our backend slot is still ours.  A pause between this check
-    // and the system call is the one window left.
-    if (context_.fence.holds())
-      queue->submit();
-    else
-      queue->abandon_unstarted();
-    completions.clear();
-    queue->reap(completions, false);
-    // Short transfers prepared their remainder in reap(): fenced the same way.
-    if (context_.fence.holds())
-      queue->submit();
-    else
-      queue->abandon_unstarted();
-    for (const StoreCompletion& done : completions) {
-      InFlight request = table.take(done.user_data);
-      if (request.channel) request.channel->finish(request, done.error);
-    }
-    work += static_cast<unsigned>(completions.size());
-    if (queue->slicing()) ++work;  // a long trim or zero runs on, a slice per submit()
+    work += run_store_turn(*queue, table, context_.fence, completions);
     bool unposted = false;
     for (auto& handler : channels_) {
       handler->publish();

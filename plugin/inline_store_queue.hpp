@@ -18,7 +18,7 @@ class InlineStoreQueue final : public StoreQueue {
   unsigned room() const override { return depth_ - in_flight(); }
   void enqueue(const StoreRequest& request) override;
   void submit() override;
-  bool slicing() const override { return !slices_.empty(); }
+  bool wants_another_turn() const override { return !slices_.empty() || !finished_.empty(); }
   void reap(std::vector<StoreCompletion>& out, bool wait) override;
   unsigned in_flight() const override { return static_cast<unsigned>(finished_.size() + slices_.size()); }
   void abandon_unstarted() override;

@@ -83,9 +83,12 @@ class StoreQueue {
   // batch), and runs one slice of a pending trim or zero
   // (range_op_slicer.hpp) — one per reap(), however often it is called.
   virtual void submit() = 0;
-  // True while submit() has slices left to run: the caller keeps calling it
-  // (it is work) even when nothing new arrives.
-  virtual bool slicing() const { return false; }
+  // True while the queue has work for the caller's next turn even when
+  // nothing new arrives and nothing is in the kernel: slices left for
+  // submit() to run, or requests finished since the last reap() (a slice
+  // run by a submit() after it, a request abandon_unstarted() cancelled).
+  // The caller does not sleep while this holds.
+  virtual bool wants_another_turn() const { return false; }
   // Asked before a request that was taken earlier starts another part — a
   // slice of a trim or zero, the remainder of a short transfer — with its
   // user_data: false when nobody waits for it any more (its channel was

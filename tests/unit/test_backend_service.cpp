@@ -29,12 +29,14 @@
 #include "common/error.hpp"
 #include "common/shared_atomic.hpp"
 #include "common/slot.hpp"
+#include "plugin/backend_fence.hpp"
 #include "plugin/backend_service.hpp"
 #include "plugin/file_store.hpp"
 #include "plugin/handler.hpp"
 #include "plugin/inline_store_queue.hpp"
 #include "plugin/memory_store.hpp"
 #include "plugin/range_op_slicer.hpp"
+#include "plugin/store_turn.hpp"
 #include "queue_driver.hpp"
 #include "shm_fixture.hpp"
 
@@ -1434,7 +1436,7 @@ TEST_CASE("file store queue: in memory, a large request and the bytes past the p
 // returns how many submits it took.
 int run_slices(StoreQueue& queue, std::vector<StoreCompletion>& done) {
   int submits = 0;
-  for (; queue.slicing() && submits < 1000; ++submits) {
+  for (; queue.wants_another_turn() && submits < 1000; ++submits) {
     queue.submit();
     queue.reap(done, false);
   }
@@ -1470,7 +1472,7 @@ void check_zero_runs_in_slices(Store& store, StoreQueue& queue) {
   // The read did not wait for the whole zero: one slice ran, three wait.
   REQUIRE(done.size() == 1);
   CHECK(done[0].user_data == 2);
-  CHECK(queue.slicing());
+  CHECK(queue.wants_another_turn());
   CHECK(queue.in_flight() == 1);
   CHECK(run_slices(queue, done) == static_cast<int>(kSlices) - 1);
   REQUIRE(done.size() == 2);
@@ -1489,9 +1491,10 @@ void check_zero_runs_in_slices(Store& store, StoreQueue& queue) {
   queue.enqueue(zero);
   queue.submit();
   queue.abandon_unstarted();
-  CHECK_FALSE(queue.slicing());
+  CHECK(queue.wants_another_turn());  // the cancelled zero waits to be reaped
   done.clear();
   queue.reap(done, false);
+  CHECK_FALSE(queue.wants_another_turn());
   REQUIRE(done.size() == 1);
   CHECK(done[0].user_data == 3);
   CHECK(done[0].error == ECANCELED);
@@ -1535,7 +1538,7 @@ TEST_CASE("file store queue: a later part of a request its channel no longer wan
   queue->reap(done, false);
   REQUIRE(done.size() == 1);
   CHECK(done[0].error == ECANCELED);
-  CHECK_FALSE(queue->slicing());
+  CHECK_FALSE(queue->wants_another_turn());
   CHECK(file.read(0, kRangeOpSlice) == Bytes(kRangeOpSlice, std::byte{0}));
   CHECK(file.read(kRangeOpSlice, kRangeOpSlice) == pattern);
 
@@ -1558,6 +1561,44 @@ TEST_CASE("inline store queue: a long zero runs a slice per submit, and the requ
   MemoryStore store(4 * kRangeOpSlice + MemoryStore::kPageSize);
   InlineStoreQueue queue(store, 8);
   check_zero_runs_in_slices(store, queue);
+}
+
+// Runs handler turns (run_store_turn) over `queue` until one reports no
+// work, as the handler thread does before it sleeps, and checks that by then
+// a two-slice zero has been handed back: nothing finished waits for a turn
+// that only comes after the sleep.
+void check_turns_leave_nothing_finished(StoreQueue& queue) {
+  SlotHeader backend{};
+  store_relaxed(backend.state, make_state_word(1, SlotState::Live));
+  BackendFence fence;
+  fence.arm(backend, 1, MemoryMode{});
+  InFlightTable table(8);  // goes before the queue: fine, as no start check asks it
+  StoreRequest zero;
+  zero.op = StoreOp::Zero;
+  zero.no_hole = true;
+  zero.length = 2 * kRangeOpSlice;
+  zero.user_data = 1;
+  queue.enqueue(zero);
+  std::vector<StoreCompletion> turn, handed_back;
+  for (int turns = 0; turns < 100; ++turns) {
+    const unsigned work = run_store_turn(queue, table, fence, turn);
+    handed_back.insert(handed_back.end(), turn.begin(), turn.end());
+    if (work == 0) break;
+  }
+  REQUIRE(handed_back.size() == 1);
+  CHECK(handed_back[0].user_data == 1);
+  CHECK(handed_back[0].error == 0);
+  CHECK(queue.in_flight() == 0);
+}
+
+TEST_CASE("store turn: once a turn reports no work, the last slice of a zero has been handed back (file and inline queues)") {
+  BackingFile file("/dev/shm", 2 * kRangeOpSlice);
+  auto store = file_store(file);
+  auto file_queue = store->open_queue(8);
+  check_turns_leave_nothing_finished(*file_queue);
+  MemoryStore memory(2 * kRangeOpSlice);
+  InlineStoreQueue inline_queue(memory, 8);
+  check_turns_leave_nothing_finished(inline_queue);
 }
 
 TEST_CASE("range op slicer: slices end on slice boundaries; FUA flushes once at the end (or rides every slice); unwanted ops end unrun") {
