@@ -1,6 +1,7 @@
 #include <cstdio>
 
 #include "client/commands.hpp"
+#include "common/flush_ranges.hpp"
 #include "common/liveness.hpp"
 #include "common/region.hpp"
 #include "common/shared_atomic.hpp"
@@ -55,9 +56,14 @@ int run_gc(const Parameters& p) {
   const auto left_to_backend = [&](std::size_t i) {
     if (i < first_channel) return false;
     const ChannelControl& control = transport.channel_control(static_cast<std::uint32_t>(i - first_channel));
+    // Written by the channel's owner, maybe on another host: in flush mode
+    // our cached lines may be stale.
+    refresh_lines(&control, 2 * kLineSize);  // the header and binding lines
     const std::uint32_t backend = load_relaxed(control.backend_id);
     if (backend >= transport.backend_count() || verdict[first_backend + backend] != Liveness::Alive) return false;
-    return epoch_of(load_acquire(transport.backend(backend).header.state)) == load_relaxed(control.backend_epoch);
+    const SlotHeader& backend_header = transport.backend(backend).header;
+    refresh_lines(&backend_header.state, sizeof backend_header.state);
+    return epoch_of(load_acquire(backend_header.state)) == load_relaxed(control.backend_epoch);
   };
   unsigned reclaimed = 0;
   for (std::size_t i = 0; i < slots.size(); ++i) {

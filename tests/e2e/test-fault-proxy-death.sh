@@ -51,6 +51,28 @@ nbdinfo --size "$PROXY_URI" >/dev/null || fail "a new proxy does not serve after
 stop_process "$PROXY_PID" || fail "the proxy did not stop cleanly"
 expect_slots 1 0 0
 
+# ---- SIGKILL, gc at once: what is bound to the live backend is its to reclaim ----
+# gc watches as long as the backend's sweep does, so either may judge the
+# channels dead first; gc must never take one the backend still serves.
+start_proxy queues=2
+expect_slots 2 1 2
+crash_process "$PROXY_PID"
+"$CBD_PROXY" gc transport="$TRANSPORT" >"$TEST_DIR/gc-live.out" 2>&1 || fail "cbd-proxy gc failed"
+cat "$TEST_DIR/gc-live.out" >&2
+grep -q "reclaimed dead host" "$TEST_DIR/gc-live.out" || fail "gc did not reclaim the dead host slot"
+! grep -q "reclaimed dead channel" "$TEST_DIR/gc-live.out" ||
+    fail "gc reclaimed a channel bound to a live backend of the same epoch"
+if grep -q "left dead channel" "$TEST_DIR/gc-live.out"; then
+    log "gc judged the channels dead first and left them to the backend"
+else
+    log "the backend's sweep reclaimed the channels before gc judged them"
+fi
+_wait_until 30 "the backend to reclaim the dead proxy's blkdev and channels" _channels_gone
+expect_slots 1 0 0
+start_proxy
+nbdinfo --size "$PROXY_URI" >/dev/null || fail "a new proxy does not serve after gc and the sweep"
+stop_process "$PROXY_PID" || fail "the proxy did not stop cleanly"
+
 # ---- SIGKILL of proxy and backend together: gc reclaims everything ----
 start_proxy
 crash_process "$PROXY_PID"
