@@ -134,3 +134,38 @@ TEST_CASE("crc32c: long buffers (three lanes joined per block) match the referen
   for (auto& b : mebibyte) b = static_cast<unsigned char>(random());
   CHECK(crc32c(0, mebibyte.data(), mebibyte.size()) == reference_crc32c(mebibyte.data(), mebibyte.size()));
 }
+
+TEST_CASE("crc32c: every implementation this CPU has matches the reference, around every fold block and from any register") {
+  using cbd::Crc32cMethod;
+  std::mt19937_64 random(9001);
+  std::vector<unsigned char> storage(8 * 256 + 3 * 1536 + 64);
+  for (auto& b : storage) b = static_cast<unsigned char>(random());
+  std::vector<std::size_t> lengths;
+  for (std::size_t length = 0; length <= 8 * 256 + 40; ++length) lengths.push_back(length);
+  for (std::size_t length = 3 * 1536 - 20; length <= 3 * 1536 + 20; ++length) lengths.push_back(length);
+  std::vector<unsigned char> mebibyte(1 << 20);
+  for (auto& b : mebibyte) b = static_cast<unsigned char>(random());
+  const std::uint32_t mebibyte_reference = reference_crc32c(mebibyte.data(), mebibyte.size());
+  int methods = 0;
+  for (Crc32cMethod method : {Crc32cMethod::Portable, Crc32cMethod::Sse42, Crc32cMethod::Vpclmul}) {
+    if (!cbd::crc32c_available(method)) continue;
+    ++methods;
+    CAPTURE(static_cast<int>(method));
+    for (std::size_t offset : {0, 3}) {
+      for (std::size_t length : lengths) {
+        CAPTURE(offset);
+        CAPTURE(length);
+        const unsigned char* p = storage.data() + offset;
+        const std::uint32_t expected = reference_crc32c(p, length);
+        REQUIRE(cbd::crc32c_with(method, 0, p, length) == expected);
+        if (length >= 5) {
+          const std::uint32_t head = cbd::crc32c_with(method, 0, p, 5);
+          REQUIRE(cbd::crc32c_with(method, head, p + 5, length - 5) == expected);
+        }
+      }
+    }
+    CHECK(cbd::crc32c_with(method, 0, mebibyte.data(), mebibyte.size()) == mebibyte_reference);
+  }
+  CHECK(cbd::crc32c_available(Crc32cMethod::Portable));
+  MESSAGE(methods << " CRC32C implementations checked on this CPU");
+}
