@@ -161,7 +161,7 @@ constexpr FoldMultipliers kFoldOver3Lanes = fold_over(3 * 128);
 constexpr FoldMultipliers kFoldOver2Lanes = fold_over(2 * 128);
 constexpr FoldMultipliers kFoldOverLane = fold_over(128);
 
-#define CBD_VPCLMUL_TARGET __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse4.2")))
+#define CBD_VPCLMUL_TARGET __attribute__((target("avx512f,avx512vl,vpclmulqdq,sse4.2")))
 
 // Intrinsics that leave lanes undefined (broadcasts, plain extracts and
 // casts) make GCC 12 warn inside its own headers; those below do not.
@@ -235,6 +235,7 @@ std::uint32_t raw_crc32c(Crc32cMethod method, std::uint32_t crc, const unsigned 
 
 Crc32cMethod best_method() {
 #if defined(__x86_64__)
+  __builtin_cpu_init();  // crc32c() may run before libgcc's constructor did
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vpclmulqdq") &&
       __builtin_cpu_supports("sse4.2"))
     return Crc32cMethod::Vpclmul;
@@ -248,12 +249,13 @@ Crc32cMethod best_method() {
 bool crc32c_available(Crc32cMethod method) { return method <= best_method(); }
 
 std::uint32_t crc32c_with(Crc32cMethod method, std::uint32_t crc, const void* data, std::size_t length) {
+  if (!crc32c_available(method)) method = best_method();  // never an instruction the CPU lacks
   return ~raw_crc32c(method, ~crc, static_cast<const unsigned char*>(data), length);
 }
 
 std::uint32_t crc32c(std::uint32_t crc, const void* data, std::size_t length) {
   static const Crc32cMethod method = best_method();
-  return crc32c_with(method, crc, data, length);
+  return ~raw_crc32c(method, ~crc, static_cast<const unsigned char*>(data), length);
 }
 
 }  // namespace cbd

@@ -13,7 +13,8 @@ namespace cbd {
 std::uint32_t crc32c(std::uint32_t crc, const void* data, std::size_t length);
 
 // The implementations crc32c() picks from, in the order it prefers the
-// later ones; for tests, which run each one this CPU has.
+// later ones; for tests, which run each one this CPU has.  crc32c_with()
+// runs the best one there is instead of one the CPU lacks.
 enum class Crc32cMethod { Portable, Sse42, Vpclmul };
 bool crc32c_available(Crc32cMethod method);
 std::uint32_t crc32c_with(Crc32cMethod method, std::uint32_t crc, const void* data, std::size_t length);
