@@ -48,12 +48,12 @@ constexpr std::uint32_t multiply_modulo(std::uint32_t a, std::uint32_t b) {
   return product;
 }
 
-// x^(8 * bytes) modulo the polynomial.
-constexpr std::uint32_t x_to_8n(std::size_t bytes) {
+// x^n modulo the polynomial (reflected, bit 31 is x^0).
+constexpr std::uint32_t x_to_n(std::size_t n) {
   std::uint32_t result = 1u << 31;  // x^0
-  std::uint32_t square = 1u << 23;  // x^8
-  for (; bytes != 0; bytes >>= 1) {
-    if (bytes & 1) result = multiply_modulo(square, result);
+  std::uint32_t square = 1u << 30;  // x^1
+  for (; n != 0; n >>= 1) {
+    if (n & 1) result = multiply_modulo(square, result);
     square = multiply_modulo(square, square);
   }
   return result;
@@ -68,7 +68,7 @@ struct ZeroShift {
 
 constexpr ZeroShift make_zero_shift(std::size_t bytes) {
   ZeroShift shift;
-  const std::uint32_t factor = x_to_8n(bytes);
+  const std::uint32_t factor = x_to_n(8 * bytes);
   for (int position = 0; position < 4; ++position)
     for (std::uint32_t value = 0; value < 256; ++value)
       shift.table[position][value] = multiply_modulo(factor, value << (8 * position));
@@ -129,16 +129,6 @@ __attribute__((target("sse4.2"))) std::uint32_t crc32c_sse42(std::uint32_t crc, 
 // quadwords, read the same way, is the product times x, which the
 // constants below take back.
 
-// x^n modulo the polynomial (reflected, bit 31 is x^0).
-constexpr std::uint32_t x_to_n(std::size_t n) {
-  std::uint32_t result = 1u << 31;  // x^0
-  std::uint32_t square = 1u << 30;  // x^1
-  for (; n != 0; n >>= 1) {
-    if (n & 1) result = multiply_modulo(square, result);
-    square = multiply_modulo(square, square);
-  }
-  return result;
-}
 
 // Multipliers that move a 16-byte block `bits` further along the message:
 // its high-degree half (x^64 H) becomes H x^(bits + 64), so H is multiplied
